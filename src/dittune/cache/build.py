@@ -1,0 +1,207 @@
+"""Fill the text-embedding and latent caches, computing only what is missing.
+
+Keys hash everything that produced an entry:
+- text: the prompt, the spec's text identity (tokenizer and encoder fingerprints, max lengths,
+  padding), the encoders' compute dtype and the storage dtype;
+- latents: the source file fingerprint, the geometry (bucket, resize, crop, flip, resize method),
+  the spec's VAE identity, the VAE compute dtype and the storage dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dittune.cache.store import CacheStore
+from dittune.fingerprint import Fingerprinter, FingerprintMode, canonical_hash
+from dittune.models.base import ModelSpec
+
+TEXT = "text"
+LATENT = "latents"
+FORMAT_VERSION = 1
+"""Bump when the stored layout changes; it is part of every key."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self, what: str) -> str:
+        text = f"{what}: {self.hits} cached, {self.misses} encoded"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        return text + f" ({self.seconds:.1f} s)"
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    """One image variant to encode: where it comes from, its geometry, and how to load it."""
+
+    source: Path
+    geometry: dict[str, Any]
+    group: tuple[int, int]
+    load: Callable[[], torch.Tensor]
+
+
+def _stored(tensors: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(storage) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def text_key(identity: dict[str, Any], prompt: str, compute_dtype: str, storage_dtype: str) -> str:
+    fields = {"v": FORMAT_VERSION, "identity": identity, "prompt": prompt}
+    return canonical_hash({**fields, "compute": compute_dtype, "storage": storage_dtype})
+
+
+def ensure_text_embeddings(
+    spec: ModelSpec,
+    store: CacheStore,
+    prompts: Iterable[str],
+    *,
+    fingerprinter: Fingerprinter,
+    device: torch.device,
+    compute_dtype: str,
+    storage_dtype: str,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[dict[str, str], CacheStats]:
+    """Make sure every prompt has a cached embedding; returns prompt → key and the stats.
+
+    Text encoders are loaded only when something is missing, and released before returning.
+    """
+    start = time.perf_counter()
+    identity = spec.text_identity(fingerprinter)
+    keys = {p: text_key(identity, p, compute_dtype, storage_dtype) for p in dict.fromkeys(prompts)}
+    missing = [p for p, key in keys.items() if not store.contains(TEXT, key)]
+    stats = CacheStats(hits=len(keys) - len(missing), misses=len(missing))
+    if missing:
+        encoders = spec.load_text_encoders(device, DTYPES[compute_dtype])
+        try:
+            bar = tqdm(total=len(missing), desc="Encoding captions", unit="caption", disable=not progress)
+            for first in range(0, len(missing), batch_size):
+                chunk = missing[first : first + batch_size]
+                for prompt, embedding in zip(chunk, spec.encode_prompts(encoders, chunk)):
+                    fields = {"prompt": prompt, "compute": compute_dtype, "storage": storage_dtype}
+                    store.save(TEXT, keys[prompt], _stored(embedding, DTYPES[storage_dtype]), fields)
+                bar.update(len(chunk))
+            bar.close()
+        finally:
+            del encoders
+            release_memory()
+    stats.seconds = time.perf_counter() - start
+    return keys, stats
+
+
+def latent_key(
+    identity: dict[str, Any], source_fingerprint: str, geometry: dict[str, Any], compute_dtype: str, storage_dtype: str
+) -> str:
+    return canonical_hash(
+        {
+            "v": FORMAT_VERSION,
+            "identity": identity,
+            "source": source_fingerprint,
+            "geometry": geometry,
+            "compute": compute_dtype,
+            "storage": storage_dtype,
+        }
+    )
+
+
+def ensure_latents(
+    spec: ModelSpec,
+    store: CacheStore,
+    jobs: Sequence[LatentJob],
+    *,
+    get_vae: Callable[[], torch.nn.Module],
+    fingerprinter: Fingerprinter,
+    source_mode: FingerprintMode,
+    compute_dtype: str,
+    storage_dtype: str,
+    batch_size: int,
+    load_errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+    progress: bool = True,
+) -> tuple[list[str | None], CacheStats]:
+    """Make sure every job has cached VAE moments; returns one key per job (None if it failed).
+
+    Failed loads (corrupt or truncated files) are reported in the stats, never raised. The VAE is
+    requested from `get_vae` only when something is missing. `load_errors` are the exception types
+    a job's loader raises for a bad image.
+    """
+    start = time.perf_counter()
+    identity = spec.vae_identity(fingerprinter)
+    keys: list[str | None] = []
+    stats = CacheStats()
+    for job in jobs:
+        try:
+            source = fingerprinter.file(job.source, source_mode)
+        except OSError as error:
+            stats.failed.append((job.source, f"cannot read file: {error}"))
+            keys.append(None)
+            continue
+        keys.append(latent_key(identity, source, job.geometry, compute_dtype, storage_dtype))
+    fingerprinter.save()
+    todo: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        if key is not None and not store.contains(LATENT, key):
+            todo[jobs[index].group].append(index)
+    stats.misses = sum(len(v) for v in todo.values())
+    stats.hits = sum(key is not None for key in keys) - stats.misses
+    if todo:
+        vae = get_vae()
+        bar = tqdm(total=stats.misses, desc="Encoding latents", unit="img", disable=not progress)
+        for indices in todo.values():
+            for first in range(0, len(indices), batch_size):
+                chunk = indices[first : first + batch_size]
+                _encode_chunk(spec, store, vae, jobs, keys, chunk, stats, load_errors, compute_dtype, storage_dtype)
+                bar.update(len(indices[first : first + batch_size]))
+        bar.close()
+    stats.misses -= sum(1 for index_list in todo.values() for i in index_list if keys[i] is None)
+    stats.seconds = time.perf_counter() - start
+    return keys, stats
+
+
+def _encode_chunk(
+    spec: ModelSpec,
+    store: CacheStore,
+    vae: torch.nn.Module,
+    jobs: Sequence[LatentJob],
+    keys: list[str | None],
+    indices: list[int],
+    stats: CacheStats,
+    load_errors: tuple[type[BaseException], ...],
+    compute_dtype: str,
+    storage_dtype: str,
+) -> None:
+    loaded: list[tuple[int, torch.Tensor]] = []
+    for index in indices:
+        try:
+            loaded.append((index, jobs[index].load()))
+        except load_errors as error:
+            stats.failed.append((jobs[index].source, str(error)))
+            keys[index] = None
+    if not loaded:
+        return
+    pixels = torch.stack([tensor for _, tensor in loaded])
+    for (index, _), moments in zip(loaded, spec.encode_pixels(vae, pixels)):
+        fields = {"source": str(jobs[index].source), "geometry": jobs[index].geometry, "compute": compute_dtype}
+        store.save(LATENT, keys[index], _stored(moments, DTYPES[storage_dtype]), fields)  # type: ignore[arg-type]
+
+
+def release_memory() -> None:
+    """Return freed encoder memory to the system / accelerator."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

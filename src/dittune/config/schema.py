@@ -1,0 +1,253 @@
+"""The configuration schema: every option, its type, default and documentation.
+
+This module is the single source of truth: TOML loading, `--set` overrides, `dittune config show`,
+the README's config reference and validation all come from these models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+
+PathValue = Annotated[Path, Strict(False)]
+"""A path given as a TOML string (strict mode otherwise rejects str for Path)."""
+
+MEGAPIXEL = 1024 * 1024
+"""`resolution_type = "area"` counts megapixels of 1024² pixels, so 1.0 means 1024×1024."""
+
+
+class Section(BaseModel):
+    """Base for every section: strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelSection(Section):
+    family: str = Field(description='Model family, e.g. "hunyuan-dit".')
+    path: PathValue = Field(description="Local model folder in diffusers layout (model_index.json inside).")
+    weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "Storage dtype of frozen weights (text encoders, VAE, and the base denoiser for LoRA). "
+            '"auto": fp32 without mixed precision, else the mixed-precision dtype. '
+            "Trainable parameters are always kept in fp32."
+        ),
+    )
+
+
+class DataSection(Section):
+    path: PathValue = Field(
+        description=(
+            "Image folder (searched recursively) with same-stem .txt captions, "
+            "or a folder holding metadata.jsonl / metadata.csv with `file_name` and `text` columns."
+        )
+    )
+    resolution: float = Field(
+        description=(
+            'Training size. With resolution_type "pixel": the short edge in pixels (e.g. 512). '
+            'With "area": megapixels of 1024² pixels (e.g. 0.5 ≈ 724×724, snapped to the family alignment).'
+        ),
+        gt=0,
+    )
+    resolution_type: Literal["pixel", "area"] = Field(
+        description='"pixel" = short edge in pixels; "area" = megapixels (1.0 = 1024×1024).'
+    )
+    bucket_step: int = Field(
+        64,
+        description=(
+            "Step in pixels between neighbouring aspect buckets; must be a multiple of the family "
+            "alignment (16 for Hunyuan-DiT)."
+        ),
+        gt=0,
+    )
+    max_aspect_ratio: float = Field(
+        2.0, description="Widest bucket (long edge ÷ short edge). Wider images are cropped to it.", ge=1.0
+    )
+    crop: Literal["center", "random"] = Field(
+        "center",
+        description=(
+            '"random" draws one crop per image and seed (stable across runs, part of the cache key); '
+            "crop coordinates are kept for size conditioning."
+        ),
+    )
+    random_flip: bool = Field(
+        False, description="Flip horizontally with probability 0.5 per sample and epoch (both variants cached)."
+    )
+    crop_seed: int = Field(0, description="Seed for random crops (changing it re-encodes the latents).")
+    caption_extension: str = Field(".txt", description="Caption file extension for folder datasets.")
+    missing_caption: Literal["skip", "empty", "error"] = Field(
+        "skip",
+        description="What to do with an image without caption: skip it (listed), train it unconditioned, or stop.",
+    )
+    incomplete_batches: Literal["keep", "drop"] = Field(
+        "keep",
+        description=(
+            "Buckets whose image count is not a multiple of the batch size: keep the smaller last batch, "
+            "or drop the remainder (listed in the bucket report)."
+        ),
+    )
+    repeats: int = Field(1, description="Times each image appears per epoch.", ge=1)
+    shuffle: bool = Field(True, description="Shuffle batches each epoch (deterministic given train.seed).")
+
+
+class CacheSection(Section):
+    dir: PathValue | None = Field(
+        None,
+        description=(
+            "Cache folder for text embeddings and VAE latents. Default: OUTPUT_DIR/cache. Entries are keyed "
+            "by everything that produced them, so a folder can be shared between runs safely."
+        ),
+    )
+    source_fingerprint: Literal["content", "stat"] = Field(
+        "content",
+        description=(
+            '"content": SHA-256 of each image file (an edited image is always re-encoded). '
+            '"stat": path + size + modification time (faster on huge datasets; a same-size edit '
+            "that keeps the mtime is not seen)."
+        ),
+    )
+    latent_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Stored dtype of VAE moments.")
+    text_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Stored dtype of text embeddings.")
+    vae_batch_size: int = Field(4, description="Images per VAE encoding batch.", ge=1)
+    text_batch_size: int = Field(16, description="Captions per text-encoder batch.", ge=1)
+    latent_sampling: Literal["sample", "mode"] = Field(
+        "sample",
+        description=(
+            'The VAE posterior is cached as mean and log-variance; "sample" draws a fresh latent each '
+            'step (as the official trainer), "mode" uses the mean.'
+        ),
+    )
+
+
+class LoraSection(Section):
+    rank: int = Field(16, description="LoRA rank r.", ge=1)
+    alpha: float | None = Field(None, description="LoRA alpha; scale = alpha / rank. Default: alpha = rank.")
+    dropout: float = Field(0.0, description="Dropout on the LoRA branch.", ge=0.0, lt=1.0)
+    targets: list[str] | None = Field(
+        None,
+        description=(
+            "Module name suffixes to adapt (peft target_modules). Default: the family's attention "
+            "projections (Hunyuan-DiT: to_q, to_k, to_v, to_out.0 in every block)."
+        ),
+    )
+
+
+class LossSection(Section):
+    vlb: bool | None = Field(
+        None,
+        description=(
+            "Add the variational-bound term on learned-variance channels (families with learned sigma). "
+            "Default: on for full fine-tuning, off for LoRA."
+        ),
+    )
+    noise_offset: float = Field(0.0, description="Offset noise strength (0 disables).", ge=0.0)
+    min_snr_gamma: float | None = Field(
+        None, description="Min-SNR-γ loss weighting (prediction-type aware); unset disables.", gt=0
+    )
+
+
+class TrainSection(Section):
+    method: Literal["lora", "full"] = Field("lora", description='"lora" (peft adapter) or "full" fine-tuning.')
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description=(
+            '"random" initialises the denoiser from its config instead of its weights (full training from '
+            'scratch; only with method = "full").'
+        ),
+    )
+    max_steps: int = Field(description="Optimizer steps to train for.", ge=1)
+    batch_size: int = Field(1, description="Images per micro-batch (all from one bucket).", ge=1)
+    gradient_accumulation_steps: int = Field(
+        1, description="Micro-batches per optimizer step; steps always count optimizer steps.", ge=1
+    )
+    seed: int = Field(0, description="Seed for data order, noise, timesteps and caption dropout.")
+    learning_rate: float = Field(1e-4, description="Peak learning rate.", gt=0)
+    lr_scheduler: Literal[
+        "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"
+    ] = Field("constant", description="Learning-rate schedule after warmup (diffusers get_scheduler names).")
+    lr_warmup_steps: int = Field(0, description="Linear warmup steps.", ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description='"adamw" (torch) or "adamw8bit" (bitsandbytes, CUDA only).'
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW ε.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; unset disables.", gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision through accelerate (fp16 needs a GPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward.")
+    caption_dropout: float = Field(
+        0.0,
+        description="Probability, per sample and text encoder independently, of training on the empty caption.",
+        ge=0,
+        le=1,
+    )
+    caption_dropout_per_encoder: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-encoder override of caption_dropout, e.g. {clip = 0.1, t5 = 0.1} for Hunyuan-DiT.",
+    )
+    log_every_steps: int = Field(1, description="Write metrics every N optimizer steps.", ge=1)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers besides metrics.jsonl."
+    )
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(500, description="Save a resumable checkpoint every N steps (and at the end).", ge=1)
+    keep_last: int = Field(3, description="Keep only the newest K checkpoints.", ge=1)
+
+
+class ValidationSection(Section):
+    every_steps: int = Field(0, description="Sample validation images every N steps (0: only at the end).", ge=0)
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts (none: no validation).")
+    negative_prompt: str = Field("", description="Negative prompt for classifier-free guidance.")
+    seed: int = Field(0, description="Seed of the CPU generator; prompt i uses seed + i.")
+    width: int | None = Field(None, description="Image width; default: the square bucket of data.resolution.", gt=0)
+    height: int | None = Field(None, description="Image height; default: the square bucket of data.resolution.", gt=0)
+    steps: int = Field(20, description="Denoising steps.", ge=1)
+    guidance: float = Field(5.0, description="Classifier-free guidance scale (≤ 1 disables).", ge=0)
+    at_start: bool = Field(True, description="Also sample before training (step 0), for comparison.")
+
+
+class DittuneConfig(Section):
+    """A dittune run."""
+
+    output_dir: PathValue = Field(description="Where checkpoints, metrics, validation images and final weights go.")
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> DittuneConfig:
+        data = self.data
+        if data.resolution_type == "area" and data.resolution > 16:
+            raise ValueError(
+                f'data.resolution: {data.resolution:g} with resolution_type = "area" would be '
+                f"{data.resolution:g} megapixels; area takes megapixels (e.g. 0.5 or 1.0). "
+                'For a short edge in pixels use resolution_type = "pixel".'
+            )
+        if data.resolution_type == "pixel" and (data.resolution < 8 or data.resolution != int(data.resolution)):
+            raise ValueError(
+                f'data.resolution: {data.resolution:g} with resolution_type = "pixel" is not a pixel '
+                "size; pixel takes the short edge in whole pixels (e.g. 512). For megapixels use "
+                'resolution_type = "area".'
+            )
+        if self.train.init == "random" and self.train.method != "full":
+            raise ValueError('train.init: "random" needs train.method = "full" (a LoRA on random weights is useless).')
+        for name, p in self.train.caption_dropout_per_encoder.items():
+            if not 0 <= p <= 1:
+                raise ValueError(f"train.caption_dropout_per_encoder.{name}: {p} is not a probability in [0, 1].")
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.dir if self.cache.dir is not None else self.output_dir / "cache"

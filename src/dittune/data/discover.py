@@ -1,0 +1,281 @@
+"""Find training images and their captions in a data folder.
+
+Three layouts are understood, checked in this order:
+
+1. ``metadata.jsonl``: one JSON object per line with ``file_name`` (relative to the folder) and ``text``.
+2. ``metadata.csv``: a header row containing ``file_name`` and ``text``.
+3. A plain folder, searched recursively: every image file with a same-stem caption file next to it
+   (``photo.png`` + ``photo.txt``). Files and folders whose names start with "." are ignored.
+
+A bad input (unreadable image, missing file, broken metadata line) never raises: it is returned as a
+`Skipped` with a reason for the user. Only problems that make the whole dataset unusable raise `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+from dittune.data.types import ImageRecord, Skipped
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""Suffixes (lower case) picked up by the folder scan."""
+
+METADATA_JSONL = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"
+REQUIRED_COLUMNS = ("file_name", "text")
+MISSING_CAPTION_MODES = ("skip", "empty", "error")
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_REASONS_SHOWN_IN_ERRORS = 5
+_MAX_CHECK_THREADS = 8
+
+
+class DataError(ValueError):
+    """The dataset as a whole cannot be used; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """An image to check: where it is and its caption (None when it has none)."""
+
+    path: Path
+    rel: str
+    caption: str | None
+    missing_caption_reason: str
+
+
+def discover(
+    root: Path, caption_extension: str = ".txt", missing_caption: str = "skip"
+) -> tuple[list[ImageRecord], list[Skipped]]:
+    """Return the usable images under `root` (sorted by relative path) and the skipped inputs.
+
+    `missing_caption`: "skip" lists an uncaptioned image as skipped, "empty" keeps it with caption "",
+    "error" raises `DataError`. Image sizes are read from the header (EXIF rotation applied); every image
+    is also checked to decode, so truncated or corrupt files are skipped here rather than mid-training.
+    """
+    root = Path(root)
+    if missing_caption not in MISSING_CAPTION_MODES:
+        raise ValueError(f"missing_caption must be one of {MISSING_CAPTION_MODES}, got {missing_caption!r}")
+    if not root.exists():
+        raise DataError(f"data.path: {root} does not exist.")
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder.")
+
+    skipped: list[Skipped] = []
+    if (root / METADATA_JSONL).is_file():
+        candidates = _from_jsonl(root, root / METADATA_JSONL, skipped)
+    elif (root / METADATA_CSV).is_file():
+        candidates = _from_csv(root, root / METADATA_CSV, skipped)
+    else:
+        candidates = _from_folder(root, _normalise_extension(caption_extension), skipped)
+
+    captioned: list[tuple[_Candidate, str]] = []
+    for candidate in sorted(candidates, key=lambda c: c.rel):
+        if candidate.caption is not None:
+            captioned.append((candidate, candidate.caption))
+        elif missing_caption == "empty":
+            captioned.append((candidate, ""))
+        elif missing_caption == "error":
+            raise DataError(
+                f"{candidate.path}: {candidate.missing_caption_reason} (data.missing_caption = \"error\"). "
+                'Add the caption, or set data.missing_caption = "skip" or "empty".'
+            )
+        else:
+            skipped.append(Skipped(candidate.path, candidate.missing_caption_reason))
+
+    records: list[ImageRecord] = []
+    for (candidate, caption), size_or_reason in zip(captioned, _check_images([c.path for c, _ in captioned])):
+        if isinstance(size_or_reason, str):
+            skipped.append(Skipped(candidate.path, size_or_reason))
+        else:
+            width, height = size_or_reason
+            records.append(ImageRecord(candidate.path, caption, width, height))
+
+    skipped.sort(key=lambda s: (s.path.as_posix(), s.reason))
+    if not records:
+        raise DataError(_nothing_usable_message(root, skipped))
+    return records, skipped
+
+
+def check_image(path: Path) -> tuple[int, int] | str:
+    """The displayed (width, height) of a decodable image, or a human reason why it cannot be used.
+
+    The size comes from the header, swapped when the EXIF orientation is a 90° rotation (5-8). The image
+    is also decoded once to catch truncated files; JPEG at reduced scale, which is much cheaper.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if _exif_orientation(image) in _ROTATED_ORIENTATIONS:
+                width, height = height, width
+            if image.format == "JPEG":
+                image.draft("RGB", (1, 1))
+            image.load()
+    except FileNotFoundError:
+        return "file not found"
+    except Image.DecompressionBombError as error:
+        return f"image too large to open safely ({error})"
+    except Image.UnidentifiedImageError:
+        return "cannot identify image file (not an image, or an unsupported format)"
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        return f"image is truncated or corrupt ({error})"
+    if width <= 0 or height <= 0:
+        return f"image has no pixels ({width}×{height})"
+    return width, height
+
+
+def _check_images(paths: list[Path]) -> list[tuple[int, int] | str]:
+    """`check_image` for each path, in order (threads only speed up the I/O and decoding)."""
+    if len(paths) < 2:
+        return [check_image(path) for path in paths]
+    threads = min(_MAX_CHECK_THREADS, os.cpu_count() or 1, len(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(check_image, paths))
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION_TAG)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _normalise_extension(extension: str) -> str:
+    extension = extension.strip()
+    if not extension:
+        raise ValueError("caption_extension must not be empty (e.g. \".txt\")")
+    return extension if extension.startswith(".") else "." + extension
+
+
+def _is_hidden(rel_parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in rel_parts)
+
+
+def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped]) -> list[_Candidate]:
+    candidates: list[_Candidate] = []
+    for path in sorted(root.rglob("*")):
+        rel_path = path.relative_to(root)
+        if _is_hidden(rel_path.parts) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        caption_path = path.with_suffix(caption_extension)
+        caption: str | None = None
+        reason = f"no caption file {caption_path.name}"
+        if caption_path.is_file():
+            try:
+                caption = caption_path.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError:
+                skipped.append(Skipped(path, f"caption file {caption_path.name} is not UTF-8 text"))
+                continue
+            except OSError as error:
+                skipped.append(Skipped(path, f"cannot read caption file {caption_path.name} ({error})"))
+                continue
+        candidates.append(_Candidate(path, rel_path.as_posix(), caption, reason))
+    return candidates
+
+
+def _from_jsonl(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candidate]:
+    rows: list[tuple[int, dict[str, object]]] = []
+    seen_columns: set[str] = set()
+    for line_number, line in _numbered_lines(metadata):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            skipped.append(Skipped(metadata, f"{metadata.name} line {line_number}: invalid JSON ({error.msg})"))
+            continue
+        if not isinstance(row, dict):
+            skipped.append(Skipped(metadata, f"{metadata.name} line {line_number}: not a JSON object"))
+            continue
+        seen_columns.update(row)
+        rows.append((line_number, row))
+    if rows:
+        _require_columns(metadata, seen_columns)
+    return _rows_to_candidates(root, metadata, rows, skipped)
+
+
+def _from_csv(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candidate]:
+    try:
+        with open(metadata, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            _require_columns(metadata, set(reader.fieldnames or ()))
+            # Line numbers count the header as line 1, as an editor shows them.
+            rows = [(reader.line_num, dict(row)) for row in reader]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{metadata}: not UTF-8 text ({error}).") from error
+    except csv.Error as error:
+        raise DataError(f"{metadata}: malformed CSV ({error}).") from error
+    return _rows_to_candidates(root, metadata, rows, skipped)
+
+
+def _numbered_lines(metadata: Path) -> Iterator[tuple[int, str]]:
+    try:
+        text = metadata.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{metadata}: not UTF-8 text ({error}).") from error
+    yield from enumerate(text.splitlines(), start=1)
+
+
+def _require_columns(metadata: Path, columns: set[str]) -> None:
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        found = ", ".join(sorted(columns)) or "none"
+        raise DataError(
+            f"{metadata}: missing required column(s) {', '.join(missing)} "
+            f"(needs {' and '.join(REQUIRED_COLUMNS)}; found: {found})."
+        )
+
+
+def _rows_to_candidates(
+    root: Path, metadata: Path, rows: list[tuple[int, dict[str, object]]], skipped: list[Skipped]
+) -> list[_Candidate]:
+    candidates: list[_Candidate] = []
+    first_line_by_rel: dict[str, int] = {}
+    for line_number, row in rows:
+        where = f"{metadata.name} line {line_number}"
+        file_name = row.get("file_name")
+        if not isinstance(file_name, str) or not file_name.strip():
+            skipped.append(Skipped(metadata, f"{where}: no file_name"))
+            continue
+        rel = posixpath.normpath(file_name.strip().replace("\\", "/"))
+        path = root / rel
+        if PurePosixPath(rel).is_absolute() or rel == ".." or rel.startswith("../"):
+            skipped.append(Skipped(path, f"listed in {where} but not inside the data folder"))
+            continue
+        if rel in first_line_by_rel:
+            skipped.append(Skipped(path, f"listed again in {where} (first on line {first_line_by_rel[rel]})"))
+            continue
+        first_line_by_rel[rel] = line_number
+        if not path.is_file():
+            skipped.append(Skipped(path, f"listed in {where} but missing"))
+            continue
+        text = row.get("text")
+        if text is not None and not isinstance(text, str):
+            skipped.append(Skipped(path, f"{where}: text is not a string"))
+            continue
+        caption = text.strip() if isinstance(text, str) else None
+        candidates.append(_Candidate(path, rel, caption, f"no text in {where}"))
+    return candidates
+
+
+def _nothing_usable_message(root: Path, skipped: list[Skipped]) -> str:
+    if not skipped:
+        return (
+            f"data.path: no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+            f"or a {METADATA_JSONL} / {METADATA_CSV} listing them)."
+        )
+    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:_REASONS_SHOWN_IN_ERRORS])
+    more = len(skipped) - _REASONS_SHOWN_IN_ERRORS
+    suffix = f"; ... and {more} more" if more > 0 else ""
+    return f"data.path: no usable image in {root}; {len(skipped)} input(s) skipped: {shown}{suffix}."

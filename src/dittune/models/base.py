@@ -1,0 +1,200 @@
+"""The model seam: one `ModelSpec` subclass per family owns everything family-specific.
+
+The trainer, data, cache, validation and export layers only talk to this interface. They never
+import a family module and never branch on a family name. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dittune.fingerprint import Fingerprinter
+
+TextEmbedding = dict[str, torch.Tensor]
+"""One prompt's encoder outputs, unbatched (e.g. ``{"prompt_embeds": (77, 1024), ...}``)."""
+
+Moments = dict[str, torch.Tensor]
+"""One image's cached VAE output, unbatched (e.g. ``{"mean": (4, h, w), "logvar": (4, h, w)}``)."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder and the keys of the text embedding it produces.
+
+    Caption dropout is decided per slot: a dropped slot has its keys replaced by the
+    empty-caption embedding's keys.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+
+
+@dataclass
+class ModelInfo:
+    """What `ModelSpec.inspect` learns from a model folder without loading any weights."""
+
+    family: str
+    version: str
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleMeta:
+    """Geometry of one training sample, in pixels (all sizes are (width, height))."""
+
+    original_size: tuple[int, int]
+    target_size: tuple[int, int]
+    crop_left_top: tuple[int, int]
+    flipped: bool = False
+
+
+@dataclass
+class TrainBatch:
+    """A collated batch handed to `ModelSpec.compute_loss`; tensors are already on the device."""
+
+    moments: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor]
+    meta: list[SampleMeta]
+
+    @property
+    def size(self) -> int:
+        return len(self.meta)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LossSettings:
+    """Family-independent loss options resolved from the config."""
+
+    vlb: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    sample_latents: bool = True
+    """Draw latents from the cached posterior (True) or use its mean."""
+
+
+class ModelSpec(ABC):
+    """Everything one model family needs: loading, encoding, objective, sampling and export.
+
+    A spec instance is bound to one model folder. Construction is cheap (no weights are read);
+    `inspect` reads configs and weight headers only.
+    """
+
+    family: ClassVar[str]
+    """The `model.family` config value."""
+
+    display_name: ClassVar[str]
+    alignment: ClassVar[int]
+    """Image sides must be multiples of this many pixels (buckets snap to it)."""
+
+    text_encoders: ClassVar[tuple[TextEncoderSlot, ...]]
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    denoiser_component: ClassVar[str] = "transformer"
+    """Name of the trained component inside the family's diffusers pipeline."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ----------------------------------------------------------------- inspection
+    @classmethod
+    @abstractmethod
+    def check_folder(cls, path: Path) -> list[str]:
+        """Problems with a model folder (missing files, wrong layout), before loading anything."""
+
+    @abstractmethod
+    def inspect(self) -> ModelInfo:
+        """Detect version and settings from configs and weight headers; warn about mismatches."""
+
+    @abstractmethod
+    def default_loss_settings(self, method: str) -> LossSettings:
+        """Family defaults for the objective given the training method (`lora` or `full`)."""
+
+    # ------------------------------------------------------------------ text side
+    @abstractmethod
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Any:
+        """Load tokenizers and text encoders (frozen, eval mode)."""
+
+    @abstractmethod
+    def encode_prompts(self, encoders: Any, prompts: list[str]) -> list[TextEmbedding]:
+        """Encode prompts; one unbatched CPU dict per prompt."""
+
+    @abstractmethod
+    def text_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        """Everything about the text side that changes embeddings (for cache keys)."""
+
+    # ---------------------------------------------------------------- image side
+    @abstractmethod
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+
+    @abstractmethod
+    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
+        """Encode a batch of images in [-1, 1], shape (B, 3, H, W); one CPU dict per image."""
+
+    @abstractmethod
+    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        """Everything about the VAE that changes latents (for cache keys)."""
+
+    # ------------------------------------------------------------------ denoiser
+    @abstractmethod
+    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module: ...
+
+    @abstractmethod
+    def load_scheduler(self) -> Any:
+        """The training/sampling noise scheduler from the model folder."""
+
+    @abstractmethod
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None: ...
+
+    @abstractmethod
+    def compute_loss(
+        self,
+        denoiser: nn.Module,
+        scheduler: Any,
+        batch: TrainBatch,
+        generator: torch.Generator,
+        settings: LossSettings,
+    ) -> LossOutput:
+        """Sample latents from moments, noise them, run the denoiser and return the loss."""
+
+    # ------------------------------------------------------------------ sampling
+    @abstractmethod
+    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
+        """The family's stock diffusers pipeline around a live denoiser, without text encoders."""
+
+    @abstractmethod
+    def load_pipeline(self, dtype: torch.dtype) -> Any:
+        """The complete stock pipeline from the model folder (used by `dittune sample`)."""
+
+    @abstractmethod
+    def pipeline_kwargs(
+        self,
+        positive: TextEmbedding,
+        negative: TextEmbedding,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        """Keyword arguments for the pipeline call from cached embeddings."""
+
+    @abstractmethod
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
+        """Pipeline keyword arguments for a plain-text call (pipeline encodes the prompt itself)."""
+
+    def denoiser_from_pipeline(self, pipeline: Any) -> nn.Module:
+        return getattr(pipeline, self.denoiser_component)

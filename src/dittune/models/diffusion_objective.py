@@ -1,0 +1,287 @@
+"""Family-independent DDPM maths: noising, v-prediction, min-SNR and the learned-sigma VLB.
+
+This is the objective of DDPM-trained transformers with a learned-range variance head
+(Hunyuan-DiT; reusable for PixArt-style families): MSE on the v-target for the first C
+output channels, plus the variational bound in bits on the last C ("variance value")
+channels with the predicted mean detached.
+
+Schedule tables are built once in float64 (`DDPMTables`); per-sample coefficients are
+gathered from them and cast to the working dtype. Elementwise maths runs in the input dtype
+(promoted to at least float32 for the loss terms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LOG2 = math.log(2.0)
+_CDF_COEF = math.sqrt(2.0 / math.pi)
+_BIN_HALF_WIDTH = 1.0 / 255.0  # data in [-1, 1] quantised to 256 levels: bin width 2/255
+_EDGE = 0.999
+_LOG_FLOOR = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class DDPMTables:
+    """Per-timestep float64 schedule tables, shape (T,), on CPU. Compared by identity."""
+
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+    log_betas: torch.Tensor
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor | Any) -> DDPMTables:
+        """Derive all tables from a 1-D beta schedule (computed in float64)."""
+        betas = torch.as_tensor(betas).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if betas.numel() < 2:
+            raise ValueError("a DDPM schedule needs at least two timesteps")
+        if bool((betas <= 0).any()) or bool((betas > 1).any()):
+            raise ValueError("betas must lie in (0, 1]")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        one_minus = 1.0 - alphas_cumprod
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / one_minus
+        # posterior_variance[0] is 0; use index 1's value there so the log stays finite.
+        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        return cls(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=torch.log(clipped),
+            posterior_mean_coef1=betas * torch.sqrt(alphas_cumprod_prev) / one_minus,
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / one_minus,
+            log_betas=torch.log(betas),
+        )
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> DDPMTables:
+        """Build from a diffusers scheduler's ``betas``; ᾱ is recomputed in float64 from them."""
+        betas = getattr(scheduler, "betas", None)
+        if betas is None:
+            raise TypeError(f"{type(scheduler).__name__} has no `betas`; a DDPM-style scheduler is needed")
+        return cls.from_betas(betas)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    def gather(
+        self,
+        name: str,
+        t: torch.Tensor,
+        ndim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Values of table ``name`` at integer timesteps ``t`` (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
+        if name not in {f.name for f in fields(self)}:
+            raise KeyError(f"unknown DDPM table {name!r}")
+        values = _index(getattr(self, name), t).to(dtype)
+        device = t.device if device is None else device
+        return values.to(device).reshape(-1, *([1] * (ndim - 1)))
+
+
+def _index(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` in float64 where the device supports it (float32 otherwise, e.g. MPS)."""
+    t = t.reshape(-1).long()
+    if t.device.type == "mps":
+        return table.to(torch.float32).to(t.device)[t]
+    return table.to(t.device)[t]
+
+
+_Getter = Callable[[str], torch.Tensor]
+
+
+def _coef(
+    tables: DDPMTables,
+    fn: Callable[[_Getter], torch.Tensor],
+    t: torch.Tensor,
+    like: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Evaluate ``fn(tables, index)`` on float64 gathered values, then cast and broadcast like ``like``."""
+    idx = t.reshape(-1).long()
+    values = fn(lambda name: _index(getattr(tables, name), idx))
+    values = values.to(dtype or like.dtype).to(like.device)
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _sqrt_acp(g: _Getter) -> torch.Tensor:
+    return torch.sqrt(g("alphas_cumprod"))
+
+
+def _sqrt_one_minus_acp(g: _Getter) -> torch.Tensor:
+    return torch.sqrt(1.0 - g("alphas_cumprod"))
+
+
+def add_noise(tables: DDPMTables, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Forward process sample ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·noise``."""
+    return _coef(tables, _sqrt_acp, t, x0) * x0 + _coef(tables, _sqrt_one_minus_acp, t, x0) * noise
+
+
+def v_target(tables: DDPMTables, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity target ``v = sqrt(ᾱ_t)·noise − sqrt(1−ᾱ_t)·x0``."""
+    return _coef(tables, _sqrt_acp, t, x0) * noise - _coef(tables, _sqrt_one_minus_acp, t, x0) * x0
+
+
+def x0_from_v(tables: DDPMTables, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Clean-sample estimate ``x0 = sqrt(ᾱ_t)·x_t − sqrt(1−ᾱ_t)·v``."""
+    return _coef(tables, _sqrt_acp, t, x_t) * x_t - _coef(tables, _sqrt_one_minus_acp, t, x_t) * v
+
+
+def eps_from_v(tables: DDPMTables, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Noise estimate ``eps = sqrt(1−ᾱ_t)·x_t + sqrt(ᾱ_t)·v``."""
+    return _coef(tables, _sqrt_one_minus_acp, t, x_t) * x_t + _coef(tables, _sqrt_acp, t, x_t) * v
+
+
+def _gaussian_kl(mean_diff: torch.Tensor, log_var_gap: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(m1, e^lv1) ‖ N(m2, e^lv2)) from ``m1 − m2``, ``lv2 − lv1`` and ``lv2``.
+
+    Written with ``expm1`` so that nearly equal variances do not cancel catastrophically.
+    """
+    return 0.5 * (log_var_gap + torch.expm1(-log_var_gap) + mean_diff.square() * torch.exp(-logvar2))
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise KL divergence KL(N(mean1, exp(logvar1)) ‖ N(mean2, exp(logvar2))) in nats."""
+    return _gaussian_kl(mean1 - mean2, logvar2 - logvar1, logvar2)
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal CDF via the tanh approximation ``0.5·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``."""
+    return 0.5 * (1.0 + torch.tanh(_CDF_COEF * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """Log-probability (nats) of ``x`` under a Gaussian discretised into bins of width 2/255.
+
+    The outermost bins (``x < −0.999`` / ``x > 0.999``) extend to ∓∞. Logs are floored at 1e-12.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + _BIN_HALF_WIDTH))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - _BIN_HALF_WIDTH))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=_LOG_FLOOR))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=_LOG_FLOOR))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=_LOG_FLOOR))
+    return torch.where(
+        x < -_EDGE, log_cdf_plus, torch.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+    )
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
+
+
+def vlb_bits(
+    tables: DDPMTables,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    mean_v_detached: torch.Tensor,
+    var_values: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample variational bound term in bits, shape (B,).
+
+    The model mean is the posterior mean of q(x_{t−1} | x_t, x̂0) with x̂0 recovered from the
+    predicted v; the variance interpolates in log space between β̃_t (clipped) and β_t with
+    ``frac = (var_values + 1) / 2``. For t > 0 this is KL(q ‖ p_θ); for t == 0 it is the
+    discretised-Gaussian decoder NLL of x0. Computed in at least float32. The caller decides
+    whether ``mean_v_detached`` carries gradient (the official objective detaches it).
+    """
+    dtype = torch.promote_types(var_values.dtype, torch.float32)
+    x0, x_t = x0.to(dtype), x_t.to(dtype)
+    v, frac = mean_v_detached.to(dtype), (var_values.to(dtype) + 1.0) / 2.0
+
+    pred_x0 = x0_from_v(tables, x_t, v, t)
+    min_log = _coef(tables, lambda g: g("posterior_log_variance_clipped"), t, x0, dtype)
+    log_gap = _coef(tables, lambda g: g("log_betas") - g("posterior_log_variance_clipped"), t, x0, dtype)
+    coef1 = _coef(tables, lambda g: g("posterior_mean_coef1"), t, x0, dtype)
+    coef2 = _coef(tables, lambda g: g("posterior_mean_coef2"), t, x0, dtype)
+
+    model_var_gap = frac * log_gap  # model log-variance minus the true (clipped) posterior log-variance
+    model_log_var = min_log + model_var_gap
+    # true_mean − model_mean = coef1·(x0 − x̂0): formed directly to avoid cancelling two near-equal means.
+    kl = _gaussian_kl(coef1 * (x0 - pred_x0), model_var_gap, model_log_var)
+    kl_bits = _mean_flat(kl) / LOG2
+
+    model_mean = coef1 * pred_x0 + coef2 * x_t
+    nll = -discretized_gaussian_log_likelihood(x0, means=model_mean, log_scales=0.5 * model_log_var)
+    nll_bits = _mean_flat(nll) / LOG2
+
+    return torch.where(t.reshape(-1).to(kl_bits.device) == 0, nll_bits, kl_bits)
+
+
+def min_snr_weight(
+    tables: DDPMTables, t: torch.Tensor, gamma: float, prediction_type: str = "v_prediction"
+) -> torch.Tensor:
+    """Min-SNR-γ loss weight per sample (float32, (B,)); SNR = ᾱ/(1−ᾱ).
+
+    ``v_prediction``: min(SNR, γ)/(SNR + 1); ``epsilon``: min(SNR, γ)/SNR.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+    acp = _index(tables.alphas_cumprod, t)
+    snr = acp / (1.0 - acp)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        weight = clipped / (snr + 1.0)
+    elif prediction_type == "epsilon":
+        weight = clipped / snr
+    else:
+        raise ValueError(f"min-SNR weighting supports 'v_prediction' and 'epsilon', not {prediction_type!r}")
+    return weight.to(torch.float32)
+
+
+def learned_sigma_v_loss(
+    tables: DDPMTables,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    vlb: bool,
+    min_snr_gamma: float | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The v-prediction + learned-range-variance objective; returns (scalar loss, logs).
+
+    ``model_output`` has 2C channels: the first C are the v prediction, the last C the
+    variance values. The MSE (optionally min-SNR weighted) trains the mean; the VLB, when
+    enabled, sees the mean detached, so it only trains the variance channels.
+    """
+    channels = x0.shape[1]
+    if model_output.shape[1] != 2 * channels or model_output.shape[2:] != x0.shape[2:]:
+        raise ValueError(
+            f"model_output {tuple(model_output.shape)} must have 2×{channels} channels and x0's spatial size"
+        )
+    dtype = torch.promote_types(model_output.dtype, torch.float32)
+    mean_v, var_values = model_output.to(dtype).split(channels, dim=1)
+    target = v_target(tables, x0.to(dtype), noise.to(dtype), t)
+    mse = _mean_flat((target - mean_v).square())
+    if min_snr_gamma is not None:
+        mse = mse * min_snr_weight(tables, t, min_snr_gamma, "v_prediction").to(mse.device, dtype)
+    per_sample = mse
+    vlb_value = 0.0
+    if vlb:
+        vb = vlb_bits(tables, x0, x_t, t, mean_v.detach(), var_values)
+        per_sample = per_sample + vb
+        vlb_value = vb.detach().mean().item()
+    loss = per_sample.mean()
+    return loss, {"loss_mse": mse.detach().mean().item(), "loss_vlb": vlb_value}

@@ -1,0 +1,100 @@
+"""Read a Hunyuan-DiT folder without loading weights: layout checks and version detection.
+
+The version is decided by the weights: v1.0/v1.1 checkpoints carry
+`time_extra_emb.style_embedder.weight` (size and style conditioning), v1.2 does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dittune.models.base import ModelInfo
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+STYLE_KEY = "time_extra_emb.style_embedder.weight"
+EXPECTED_BETA_END = {"v1.0/v1.1": 0.03, "v1.2": 0.018}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_problems(path: Path) -> list[str]:
+    """Missing pieces of a diffusers-layout Hunyuan-DiT folder, each with the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"model folder {path} does not exist"]
+    if not (path / "model_index.json").is_file():
+        return [f"{path} has no model_index.json; point model.path at a diffusers-layout pipeline folder"]
+    problems = []
+    index = read_json(path / "model_index.json")
+    cls = index.get("_class_name")
+    if cls not in (None, "HunyuanDiTPipeline"):
+        problems.append(f"{path}/model_index.json declares {cls}, not HunyuanDiTPipeline; is model.family right?")
+    for name in COMPONENTS:
+        if not (path / name).is_dir():
+            problems.append(f"{path} lacks the {name}/ subfolder (a complete HunyuanDiTPipeline folder is needed)")
+    return problems
+
+
+def weight_keys(folder: Path) -> set[str] | None:
+    """Tensor names of a component's safetensors weights (header only), or None if there are none."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def detect(path: Path) -> ModelInfo:
+    """Detect the version from the transformer weights and check configs agree with it."""
+    path = Path(path)
+    tcfg = read_json(path / "transformer" / "config.json")
+    scfg = read_json(path / "scheduler" / "scheduler_config.json")
+    keys = weight_keys(path / "transformer")
+    config_says_style = bool(tcfg.get("use_style_cond_and_image_meta_size", True))
+    warnings: list[str] = []
+    if keys is None:
+        has_style = config_says_style
+        warnings.append("transformer weights are not safetensors; version taken from config.json")
+    else:
+        has_style = STYLE_KEY in keys
+        if has_style != config_says_style:
+            raise ValueError(
+                f"{path}/transformer: the weights {'have' if has_style else 'lack'} the style embedder "
+                f"(v{'1.0/1.1' if has_style else '1.2'}) but config.json sets use_style_cond_and_image_meta_size="
+                f"{str(config_says_style).lower()}; fix config.json to match the weights"
+            )
+    version = "v1.0/v1.1" if has_style else "v1.2"
+    if "distill" in path.name.lower():
+        version += " (distilled)"
+    base_version = "v1.0/v1.1" if has_style else "v1.2"
+    beta_end = float(scfg.get("beta_end", 0.02))
+    expected = EXPECTED_BETA_END[base_version]
+    if abs(beta_end - expected) > 1e-9:
+        warnings.append(
+            f"scheduler beta_end is {beta_end:g} but {base_version} was trained with {expected:g}; "
+            f"edit {path}/scheduler/scheduler_config.json unless this is intended"
+        )
+    prediction = scfg.get("prediction_type", "epsilon")
+    if prediction != "v_prediction":
+        raise ValueError(
+            f"{path}/scheduler/scheduler_config.json has prediction_type={prediction!r}; Hunyuan-DiT is trained "
+            'with "v_prediction" — set it there'
+        )
+    summary = {
+        "layers": tcfg.get("num_layers"),
+        "hidden": int(tcfg.get("num_attention_heads", 16)) * int(tcfg.get("attention_head_dim", 88)),
+        "heads": tcfg.get("num_attention_heads"),
+        "learn_sigma": tcfg.get("learn_sigma", True),
+        "scheduler": f"{scfg.get('_class_name')} {scfg.get('beta_schedule')} beta_end={beta_end:g} {prediction}",
+        "size/style conditioning": has_style,
+    }
+    return ModelInfo(family="hunyuan-dit", version=version, path=path, summary=summary, warnings=warnings)

@@ -1,0 +1,320 @@
+"""Hunyuan-DiT (v1.0–v1.2, distilled): everything family-specific lives here.
+
+Objective (as the official trainer): DDPM, 1000 steps, scaled_linear betas, v-prediction MSE on the
+first 4 output channels, optional VLB on the learned-variance channels. Text: BERT ("bilingual
+CLIP", 77 tokens) and mT5 (256 tokens), both padded with id 0 and kept with their masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dittune.fingerprint import Fingerprinter
+from dittune.models.base import (
+    LossOutput,
+    LossSettings,
+    ModelInfo,
+    ModelSpec,
+    Moments,
+    TextEmbedding,
+    TextEncoderSlot,
+    TrainBatch,
+)
+from dittune.models.hunyuan_dit import inspect as folder
+
+CLIP_LENGTH = 77
+T5_LENGTH = 256
+ROPE_BASE_PIXELS = 512
+"""RoPE positions interpolate every bucket into the 512-pixel base grid (official `base512`)."""
+SAMPLING_ORIGINAL_SIZE = (1024, 1024)
+"""Size conditioning at sampling time for v1.0/v1.1, as the official inference (`--size-cond 1024 1024`)."""
+
+
+@dataclass
+class HunyuanTextEncoders:
+    tokenizer: Any
+    text_encoder: nn.Module
+    tokenizer_2: Any
+    text_encoder_2: nn.Module
+    device: torch.device
+
+
+def rotary_embedding(
+    head_dim: int, latent_height: int, latent_width: int, patch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE (cos, sin) for one bucket, computed as the stock pipeline does."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    grid = (latent_height // patch_size, latent_width // patch_size)
+    base = ROPE_BASE_PIXELS // 8 // patch_size
+    crops = get_resize_crop_region_for_grid(grid, base)
+    return get_2d_rotary_pos_embed(head_dim, crops, grid, use_real=True, device=device, output_type="pt")
+
+
+class HunyuanDiTSpec(ModelSpec):
+    family = "hunyuan-dit"
+    display_name = "Hunyuan-DiT"
+    alignment = 16
+    text_encoders = (
+        TextEncoderSlot("clip", ("prompt_embeds", "prompt_attention_mask")),
+        TextEncoderSlot("t5", ("prompt_embeds_2", "prompt_attention_mask_2")),
+    )
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    denoiser_component = "transformer"
+
+    # ----------------------------------------------------------------- inspection
+    @classmethod
+    def check_folder(cls, path: Path) -> list[str]:
+        return folder.folder_problems(path)
+
+    def inspect(self) -> ModelInfo:
+        return folder.detect(self.path)
+
+    @cached_property
+    def transformer_config(self) -> dict[str, Any]:
+        return folder.read_json(self.path / "transformer" / "config.json")
+
+    @cached_property
+    def uses_size_conditioning(self) -> bool:
+        return bool(self.transformer_config.get("use_style_cond_and_image_meta_size", True))
+
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        return folder.read_json(self.path / "vae" / "config.json")
+
+    def default_loss_settings(self, method: str) -> LossSettings:
+        return LossSettings(vlb=method == "full")
+
+    # ------------------------------------------------------------------ text side
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> HunyuanTextEncoders:
+        from transformers import AutoTokenizer, BertModel, T5EncoderModel
+
+        bert = BertModel.from_pretrained(self.path / "text_encoder", add_pooling_layer=False, dtype=dtype)
+        t5 = T5EncoderModel.from_pretrained(self.path / "text_encoder_2", dtype=dtype)
+        for module in (bert, t5):
+            module.to(device).eval().requires_grad_(False)
+        return HunyuanTextEncoders(
+            tokenizer=AutoTokenizer.from_pretrained(self.path / "tokenizer"),
+            text_encoder=bert,
+            tokenizer_2=AutoTokenizer.from_pretrained(self.path / "tokenizer_2"),
+            text_encoder_2=t5,
+            device=device,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, encoders: HunyuanTextEncoders, prompts: list[str]) -> list[TextEmbedding]:
+        outputs: dict[str, torch.Tensor] = {}
+        for tokenizer, encoder, length, suffix in (
+            (encoders.tokenizer, encoders.text_encoder, CLIP_LENGTH, ""),
+            (encoders.tokenizer_2, encoders.text_encoder_2, T5_LENGTH, "_2"),
+        ):
+            tokens = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=length,
+                truncation=True,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            mask = tokens.attention_mask.to(encoders.device)
+            states = encoder(tokens.input_ids.to(encoders.device), attention_mask=mask)[0]
+            outputs[f"prompt_embeds{suffix}"] = states.cpu()
+            outputs[f"prompt_attention_mask{suffix}"] = mask.cpu()
+        return [{key: value[i] for key, value in outputs.items()} for i in range(len(prompts))]
+
+    def text_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "tokenizer": fingerprinter.folder(self.path / "tokenizer"),
+            "tokenizer_2": fingerprinter.folder(self.path / "tokenizer_2"),
+            "text_encoder": fingerprinter.folder(self.path / "text_encoder"),
+            "text_encoder_2": fingerprinter.folder(self.path / "text_encoder_2"),
+            "max_length": [CLIP_LENGTH, T5_LENGTH],
+            "padding": "max_length, pad id from tokenizer (0), truncation",
+            "outputs": "last_hidden_state + attention_mask",
+        }
+
+    # ---------------------------------------------------------------- image side
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype)
+        return vae.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
+        param = next(vae.parameters())
+        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
+        return [{"mean": mean[i], "logvar": logvar[i]} for i in range(mean.shape[0])]
+
+    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        return {"family": self.family, "vae": fingerprinter.folder(self.path / "vae"), "outputs": "mean+logvar"}
+
+    # ------------------------------------------------------------------ denoiser
+    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
+        from diffusers import HunyuanDiT2DModel
+
+        if random_init:
+            model = HunyuanDiT2DModel.from_config(HunyuanDiT2DModel.load_config(self.path / "transformer"))
+            return model.to(dtype)
+        return HunyuanDiT2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
+
+    def load_scheduler(self) -> Any:
+        import diffusers
+
+        config = folder.read_json(self.path / "scheduler" / "scheduler_config.json")
+        scheduler_cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"))
+        return scheduler_cls.from_pretrained(self.path / "scheduler")
+
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
+        from dittune.models.checkpointing import enable_block_checkpointing
+
+        enable_block_checkpointing(denoiser.blocks)
+
+    def latents_from_moments(
+        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+    ) -> torch.Tensor:
+        mean = moments["mean"].float()
+        if sample:
+            std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            mean = mean + std * noise
+        shift = self.vae_config.get("shift_factor") or 0.0
+        return (mean - shift) * float(self.vae_config.get("scaling_factor", 0.13025))
+
+    def image_meta_size(self, batch: TrainBatch, device: torch.device) -> torch.Tensor:
+        """(B, 6) in the official training order: original w, h, target w, h, crop left, top."""
+        rows = [[*m.original_size, *m.target_size, *m.crop_left_top] for m in batch.meta]
+        return torch.tensor(rows, dtype=torch.float32, device=device)
+
+    def compute_loss(
+        self,
+        denoiser: nn.Module,
+        scheduler: Any,
+        batch: TrainBatch,
+        generator: torch.Generator,
+        settings: LossSettings,
+    ) -> LossOutput:
+        from dittune.models.diffusion_objective import learned_sigma_v_loss
+
+        tables = self._tables(scheduler)
+        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        device = x0.device
+        size = x0.shape[0]
+        t = torch.randint(0, len(tables.betas), (size,), generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        if settings.noise_offset:
+            offset = torch.randn((size, x0.shape[1], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+            noise = noise + settings.noise_offset * offset
+        from dittune.models.diffusion_objective import add_noise
+
+        x_t = add_noise(tables, x0, noise, t)
+        output = self.forward(denoiser, x_t, t, batch)
+        loss, logs = learned_sigma_v_loss(
+            tables, output.float(), x0, x_t, noise, t, vlb=settings.vlb, min_snr_gamma=settings.min_snr_gamma
+        )
+        return LossOutput(loss=loss, logs=logs)
+
+    def forward(self, denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """One denoiser call on a bucket batch; returns (B, 8, h, w)."""
+        cfg = self.transformer_config
+        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        autocast = torch.is_autocast_enabled(x_t.device.type)
+        # Timesteps stay float32 under autocast: bf16 cannot hold integers above 256 exactly.
+        input_dtype = torch.float32 if autocast else compute_dtype
+        head_dim = int(cfg["attention_head_dim"])
+        rope = rotary_embedding(head_dim, x_t.shape[-2], x_t.shape[-1], int(cfg["patch_size"]), x_t.device)
+        text = batch.text
+        kwargs: dict[str, Any] = {}
+        if self.uses_size_conditioning:
+            kwargs["image_meta_size"] = self.image_meta_size(batch, x_t.device).to(input_dtype)
+            kwargs["style"] = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
+        return denoiser(
+            x_t.to(input_dtype),
+            t.to(input_dtype),
+            encoder_hidden_states=text["prompt_embeds"].to(input_dtype),
+            text_embedding_mask=text["prompt_attention_mask"],
+            encoder_hidden_states_t5=text["prompt_embeds_2"].to(input_dtype),
+            text_embedding_mask_t5=text["prompt_attention_mask_2"],
+            image_rotary_emb=rope,
+            return_dict=False,
+            **kwargs,
+        )[0]
+
+    def _tables(self, scheduler: Any):
+        from dittune.models.diffusion_objective import DDPMTables
+
+        cached = getattr(self, "_ddpm_tables", None)
+        if cached is None or cached[0] is not scheduler:
+            cached = (scheduler, DDPMTables.from_scheduler(scheduler))
+            self._ddpm_tables = cached
+        return cached[1]
+
+    # ------------------------------------------------------------------ sampling
+    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
+        from diffusers import HunyuanDiTPipeline
+
+        pipeline = HunyuanDiTPipeline(
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=denoiser,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            text_encoder_2=None,
+            tokenizer_2=None,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def load_pipeline(self, dtype: torch.dtype) -> Any:
+        from diffusers import HunyuanDiTPipeline
+
+        pipeline = HunyuanDiTPipeline.from_pretrained(self.path, torch_dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _size_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        return {
+            "width": width,
+            "height": height,
+            "use_resolution_binning": False,
+            "original_size": SAMPLING_ORIGINAL_SIZE,
+            "target_size": (width, height),
+            "crops_coords_top_left": (0, 0),
+        }
+
+    def pipeline_kwargs(
+        self,
+        positive: TextEmbedding,
+        negative: TextEmbedding,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": generator,
+            **self._size_kwargs(width, height),
+        }
+        for key in ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2"):
+            kwargs[key] = positive[key].unsqueeze(0)
+            kwargs[f"negative_{key}"] = negative[key].unsqueeze(0)
+        return kwargs
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
+        return {"prompt": prompt, "negative_prompt": negative_prompt, **self._size_kwargs(width, height)}

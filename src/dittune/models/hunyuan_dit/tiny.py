@@ -1,0 +1,134 @@
+"""Build a tiny, randomly initialised Hunyuan-DiT pipeline in diffusers layout, fully offline.
+
+The architecture is the real one (HunyuanDiT2DModel, BertModel, T5EncoderModel, a 4-block
+AutoencoderKL so the ×8 factor holds, DDPMScheduler with v-prediction); only the sizes are tiny.
+Text lengths stay 77 / 256 because the transformer and the stock pipeline require them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from dittune.models.tiny_text import write_bert_tokenizer, write_t5_tokenizer
+
+BETA_END = {"v1.1": 0.03, "v1.2": 0.018}
+
+
+def tiny_transformer_config(variant: str) -> dict:
+    return {
+        "sample_size": 16,
+        "patch_size": 2,
+        "in_channels": 4,
+        "num_layers": 4,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "hidden_size": 32,
+        "cross_attention_dim": 32,
+        "cross_attention_dim_t5": 32,
+        "pooled_projection_dim": 16,
+        "text_len": 77,
+        "text_len_t5": 256,
+        "mlp_ratio": 2.0,
+        "activation_fn": "gelu-approximate",
+        "learn_sigma": True,
+        "use_style_cond_and_image_meta_size": variant == "v1.1",
+    }
+
+
+def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int = 0) -> Path:
+    """Write the pipeline folder and return its path. Deterministic for a given variant and seed."""
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    if variant not in BETA_END:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(BETA_END)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    staging = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    write_bert_tokenizer(staging / "tokenizer")
+    write_t5_tokenizer(staging / "tokenizer_2")
+    tokenizer = BertTokenizer.from_pretrained(staging / "tokenizer")
+    tokenizer_2 = T5Tokenizer.from_pretrained(staging / "tokenizer_2")
+
+    torch.manual_seed(seed)
+    text_encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            pad_token_id=0,
+        ),
+        add_pooling_layer=False,
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = HunyuanDiT2DModel(**tiny_transformer_config(variant))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=128,
+        scaling_factor=0.13025,
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=BETA_END[variant],
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        steps_offset=1,
+        clip_sample=False,
+        timestep_spacing="leading",
+        variance_type="fixed_small",
+    )
+    pipeline = HunyuanDiTPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    (staging / "README.md").write_text(
+        f"# Tiny Hunyuan-DiT ({variant}-style), random weights\n\n"
+        f"Built offline by `dittune tiny hunyuan-dit OUT --variant {variant} --seed {seed}`.\n"
+        "Real architecture classes at tiny sizes; for tests and trying dittune, not for images.\n",
+        encoding="utf-8",
+    )
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return out
