@@ -87,7 +87,7 @@ def discover(
             captioned.append((candidate, ""))
         elif missing_caption == "error":
             raise DataError(
-                f"{candidate.path}: {candidate.missing_caption_reason} (data.missing_caption = \"error\"). "
+                f'{candidate.path}: {candidate.missing_caption_reason} (data.missing_caption = "error"). '
                 'Add the caption, or set data.missing_caption = "skip" or "empty".'
             )
         else:
@@ -154,7 +154,7 @@ def _exif_orientation(image: Image.Image) -> int | None:
 def _normalise_extension(extension: str) -> str:
     extension = extension.strip()
     if not extension:
-        raise ValueError("caption_extension must not be empty (e.g. \".txt\")")
+        raise ValueError('caption_extension must not be empty (e.g. ".txt")')
     return extension if extension.startswith(".") else "." + extension
 
 

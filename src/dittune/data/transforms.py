@@ -18,12 +18,13 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 class ImageLoadError(Exception):
-    """An image could not be decoded; `reason` is meant for the user."""
+    """An image could not be decoded. The message is the human `reason` alone (callers list it next to
+    the path); `path` is kept as an attribute."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
+    def __init__(self, reason: str, path: Path | None = None) -> None:
+        super().__init__(reason)
         self.reason = reason
+        self.path = path
 
 
 def load_pixels(path: Path, placement: Placement, flip: bool) -> torch.Tensor:
@@ -39,13 +40,13 @@ def load_pixels(path: Path, placement: Placement, flip: bool) -> torch.Tensor:
             rgb = to_rgb(ImageOps.exif_transpose(image))
             resized = rgb.resize(placement.resized, Image.Resampling.LANCZOS)
     except FileNotFoundError as error:
-        raise ImageLoadError(path, "file not found") from error
+        raise ImageLoadError("file not found", path) from error
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"image too large to open safely ({error})") from error
+        raise ImageLoadError(f"image too large to open safely ({error})", path) from error
     except Image.UnidentifiedImageError as error:
-        raise ImageLoadError(path, "cannot identify image file (not an image, or unsupported)") from error
+        raise ImageLoadError("cannot identify image file (not an image, or unsupported)", path) from error
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageLoadError(path, f"image is truncated or corrupt ({error})") from error
+        raise ImageLoadError(f"image is truncated or corrupt ({error})", path) from error
 
     left, top = placement.crop_left_top
     width, height = placement.bucket

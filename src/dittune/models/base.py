@@ -105,6 +105,9 @@ class ModelSpec(ABC):
     denoiser_component: ClassVar[str] = "transformer"
     """Name of the trained component inside the family's diffusers pipeline."""
 
+    pipeline_class: ClassVar[str]
+    """The family's stock diffusers pipeline class name (as in model_index.json)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 

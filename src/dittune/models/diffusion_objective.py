@@ -13,8 +13,8 @@ gathered from them and cast to the working dtype. Elementwise maths runs in the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -111,7 +111,7 @@ def _coef(
     like: torch.Tensor,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Evaluate ``fn(tables, index)`` on float64 gathered values, then cast and broadcast like ``like``."""
+    """Evaluate ``fn(getter)`` on gathered float64 table values, then cast and broadcast like ``like``."""
     idx = t.reshape(-1).long()
     values = fn(lambda name: _index(getattr(tables, name), idx))
     values = values.to(dtype or like.dtype).to(like.device)
@@ -154,35 +154,40 @@ def _gaussian_kl(mean_diff: torch.Tensor, log_var_gap: torch.Tensor, logvar2: to
     return 0.5 * (log_var_gap + torch.expm1(-log_var_gap) + mean_diff.square() * torch.exp(-logvar2))
 
 
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """Elementwise KL divergence KL(N(mean1, exp(logvar1)) ‖ N(mean2, exp(logvar2))) in nats."""
     return _gaussian_kl(mean1 - mean2, logvar2 - logvar1, logvar2)
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Standard normal CDF via the tanh approximation ``0.5·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``."""
-    return 0.5 * (1.0 + torch.tanh(_CDF_COEF * (x + 0.044715 * x.pow(3))))
+    """Standard normal CDF via the tanh approximation ``0.5·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``.
+
+    Evaluated as the identical ``sigmoid(2·…)``, which keeps relative precision in the lower tail.
+    """
+    return torch.sigmoid(2.0 * _CDF_COEF * (x + 0.044715 * x.pow(3)))
 
 
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """Log-probability (nats) of ``x`` under a Gaussian discretised into bins of width 2/255.
 
     The outermost bins (``x < −0.999`` / ``x > 0.999``) extend to ∓∞. Logs are floored at 1e-12.
+    Upper-tail probabilities use the CDF's symmetry (1 − Φ(z) = Φ(−z)) instead of subtracting from 1.
     """
     centered = x - means
     inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + _BIN_HALF_WIDTH))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - _BIN_HALF_WIDTH))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=_LOG_FLOOR))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=_LOG_FLOOR))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=_LOG_FLOOR))
-    return torch.where(
-        x < -_EDGE, log_cdf_plus, torch.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta)
+    plus_in = inv_std * (centered + _BIN_HALF_WIDTH)
+    min_in = inv_std * (centered - _BIN_HALF_WIDTH)
+    cdf_plus = approx_standard_normal_cdf(plus_in)
+    one_minus_cdf_min = approx_standard_normal_cdf(-min_in)
+    cdf_delta = torch.where(
+        centered > 0,
+        one_minus_cdf_min - approx_standard_normal_cdf(-plus_in),
+        cdf_plus - approx_standard_normal_cdf(min_in),
     )
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=_LOG_FLOOR))
+    log_one_minus_cdf_min = torch.log(one_minus_cdf_min.clamp(min=_LOG_FLOOR))
+    log_cdf_delta = torch.log(cdf_delta.clamp(min=_LOG_FLOOR))
+    return torch.where(x < -_EDGE, log_cdf_plus, torch.where(x > _EDGE, log_one_minus_cdf_min, log_cdf_delta))
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:

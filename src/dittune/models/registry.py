@@ -23,3 +23,18 @@ def spec_class(family: str) -> type[ModelSpec]:
         raise KeyError(f"unknown model family {family!r}; known: {', '.join(family_names())}") from None
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def detect_family(model_path) -> str:
+    """The family whose pipeline class is named in `model_path/model_index.json`."""
+    import json
+    from pathlib import Path
+
+    index = Path(model_path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{model_path} has no model_index.json; pass a diffusers-layout model folder")
+    name = json.loads(index.read_text()).get("_class_name")
+    for family in family_names():
+        if getattr(spec_class(family), "pipeline_class", None) == name:
+            return family
+    raise ValueError(f"{index} names {name}, which no dittune family handles (known: {', '.join(family_names())})")

@@ -68,6 +68,7 @@ class HunyuanDiTSpec(ModelSpec):
     )
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     denoiser_component = "transformer"
+    pipeline_class = "HunyuanDiTPipeline"
 
     # ----------------------------------------------------------------- inspection
     @classmethod

@@ -1,0 +1,214 @@
+"""The `dittune` command line.
+
+Heavy libraries (torch, diffusers) are imported inside the command handlers only, so `dittune config
+check` and `dittune --version` start fast. Mistakes a user can make (bad config, missing file, bad
+value) are printed as `error: ...` with exit status 2; set DITTUNE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from dittune.config import ConfigError, DittuneConfig, load_config
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+TINY_BUILDERS: MappingProxyType[str, tuple[str, tuple[str, ...]]] = MappingProxyType(
+    {"hunyuan-dit": ("dittune.models.hunyuan_dit.tiny:build_tiny_hunyuan_dit", ("v1.2", "v1.1"))}
+)
+"""Family → (builder "module:function", variants with the default first) for `dittune tiny`."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dittune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _load(args: argparse.Namespace) -> DittuneConfig:
+    return load_config(Path(args.config), args.set)
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dittune.train.runner import run_train
+
+    run_train(cfg, resume=args.resume)
+    return EXIT_OK
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dittune.train.runner import run_cache
+
+    run_cache(cfg)
+    return EXIT_OK
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dittune.sample import run_sample
+
+    run_sample(
+        model=Path(args.model),
+        lora=Path(args.lora) if args.lora is not None else None,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        out=Path(args.out),
+        family=args.family,
+    )
+    return EXIT_OK
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        from dittune.train.preflight import preflight
+    except ImportError:
+        problems: list[Any] = []
+    else:
+        problems = list(preflight(cfg))
+    if problems:
+        print(f"error: {args.config}: {len(problems)} problem(s):", file=sys.stderr)
+        for path, message in problems:
+            print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"config OK: {args.config}")
+    print(f"  family={cfg.model.family} method={cfg.train.method} max_steps={cfg.train.max_steps}")
+    return EXIT_OK
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from dittune.config import resolved_toml
+
+    print(resolved_toml(_load(args)), end="")
+    return EXIT_OK
+
+
+def _cmd_config_docs(args: argparse.Namespace) -> int:
+    from dittune.config import config_reference_markdown
+
+    print(config_reference_markdown(), end="")
+    return EXIT_OK
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    target, variants = TINY_BUILDERS[args.family]
+    variant = args.variant or variants[0]
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} for {args.family}; choose one of {', '.join(variants)}")
+    module_name, _, attr = target.partition(":")
+    builder: Callable[..., Path] = getattr(importlib.import_module(module_name), attr)
+    print(builder(Path(args.out_dir), variant=variant, seed=args.seed))
+    return EXIT_OK
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG.toml", help="run config (see `dittune config docs`)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=100 (repeatable; value read as TOML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every `dittune` command."""
+    parser = argparse.ArgumentParser(prog="dittune", description="Fine-tune diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"dittune {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train (LoRA or full) from a config")
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="latest|PATH", help="resume from the newest or a given checkpoint")
+    train.set_defaults(handler=_cmd_train)
+
+    cache = commands.add_parser("cache", help="encode text embeddings and VAE latents ahead of training")
+    _add_config_args(cache)
+    cache.set_defaults(handler=_cmd_cache)
+
+    sample = commands.add_parser("sample", help="generate one image from a model folder (and a LoRA)")
+    sample.add_argument("--model", required=True, metavar="DIR", help="model folder in diffusers layout")
+    sample.add_argument("--lora", metavar="FILE", help="LoRA weights to apply")
+    sample.add_argument("--prompt", required=True, metavar="TEXT")
+    sample.add_argument("--negative-prompt", default="", metavar="TEXT")
+    sample.add_argument("--seed", type=int, default=0, metavar="N")
+    sample.add_argument("--steps", type=int, default=30, metavar="N")
+    sample.add_argument("--guidance", type=float, default=5.0, metavar="F")
+    sample.add_argument("--width", type=int, default=None, metavar="W")
+    sample.add_argument("--height", type=int, default=None, metavar="H")
+    sample.add_argument("--out", required=True, metavar="FILE.png")
+    sample.add_argument("--family", default=None, metavar="NAME", help="model family (default: detected)")
+    sample.set_defaults(handler=_cmd_sample)
+
+    config = commands.add_parser("config", help="check, show or document configs")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_commands.add_parser("check", help="validate a config and its paths")
+    _add_config_args(check)
+    check.set_defaults(handler=_cmd_config_check)
+    show = config_commands.add_parser("show", help="print the fully resolved config as TOML")
+    _add_config_args(show)
+    show.set_defaults(handler=_cmd_config_show)
+    docs = config_commands.add_parser("docs", help="print the config reference (Markdown)")
+    docs.set_defaults(handler=_cmd_config_docs)
+
+    tiny = commands.add_parser("tiny", help="write a tiny random model for tests and smoke runs")
+    tiny.add_argument("family", choices=sorted(TINY_BUILDERS), help="model family")
+    tiny.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder to write")
+    variants = sorted({v for _, vs in TINY_BUILDERS.values() for v in vs})
+    tiny.add_argument("--variant", default=None, help=f"family variant ({' | '.join(variants)}; default: latest)")
+    tiny.add_argument("--seed", type=int, default=0, metavar="N")
+    tiny.set_defaults(handler=_cmd_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `dittune` with `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return EXIT_OK if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    debug = os.environ.get("DITTUNE_DEBUG", "") not in ("", "0")
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as exc:
+        if debug:
+            raise
+        source = f" {args.config}" if getattr(args, "config", None) else ""
+        print(f"error: invalid config{source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,159 @@
+"""Deterministic, resumable batch order: every batch from one bucket, every epoch a pure function of the seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+Bucket = tuple[int, int]
+BatchItem = tuple[int, bool]
+"""(sample index, horizontal flip)."""
+
+_SETTING_NAMES = ("batch_size", "repeats", "shuffle", "drop_incomplete", "random_flip")
+
+
+class BucketBatchSampler:
+    """Yields batches of (sample_index, flip) drawn from a single bucket.
+
+    Epoch `e` is computed from (`seed`, `e`) alone: within each bucket, each repeat pass is shuffled
+    separately (so every sample appears `repeats` times per epoch), the result is cut into batches (the
+    last partial one kept unless `drop_incomplete`), a flip is drawn per sample occurrence with
+    probability 0.5 when `random_flip`, and finally the batch order is shuffled across buckets. With
+    `shuffle=False` the order is buckets sorted by size, indices in the given order.
+    """
+
+    def __init__(
+        self,
+        buckets: dict[Bucket, list[int]],
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_incomplete: bool = False,
+        random_flip: bool = False,
+        repeats: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self._buckets = {bucket: list(indices) for bucket, indices in sorted(buckets.items()) if indices}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_incomplete = drop_incomplete
+        self.random_flip = random_flip
+        self.repeats = repeats
+        self.fingerprint = _layout_fingerprint(self._buckets)
+        if self.batches_per_epoch == 0:
+            sizes = ", ".join(f"{w}×{h}: {len(indices)}" for (w, h), indices in self._buckets.items())
+            raise ValueError(
+                f"no full batch of {batch_size} can be formed (samples per bucket: {sizes or 'none'}, "
+                f"repeats {repeats}) and incomplete batches are dropped"
+            )
+        self._epoch = 0
+        self._position = 0
+        self._cached_epoch: int | None = None
+        self._cached_batches: list[list[BatchItem]] = []
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of batches in every epoch."""
+        total = 0
+        for indices in self._buckets.values():
+            full, remainder = divmod(len(indices) * self.repeats, self.batch_size)
+            total += full + (1 if remainder and not self.drop_incomplete else 0)
+        return total
+
+    def epoch_batches(self, epoch: int) -> list[list[BatchItem]]:
+        """All batches of `epoch`, in order (a pure function of the epoch, seed and sampler inputs)."""
+        order_rng = np.random.default_rng(_derived_seed(self.seed, epoch, "order"))
+        flip_rng = np.random.default_rng(_derived_seed(self.seed, epoch, "flip"))
+        batches: list[list[BatchItem]] = []
+        for indices in self._buckets.values():
+            sequence: list[int] = []
+            for _ in range(self.repeats):
+                if self.shuffle:
+                    sequence += [indices[i] for i in order_rng.permutation(len(indices))]
+                else:
+                    sequence += indices
+            if self.random_flip:
+                flips = (flip_rng.random(len(sequence)) < 0.5).tolist()
+            else:
+                flips = [False] * len(sequence)
+            for start in range(0, len(sequence), self.batch_size):
+                chunk = list(zip(sequence[start : start + self.batch_size], flips[start : start + self.batch_size]))
+                if len(chunk) < self.batch_size and self.drop_incomplete:
+                    continue
+                batches.append(chunk)
+        if self.shuffle:
+            batches = [batches[i] for i in order_rng.permutation(len(batches))]
+        return batches
+
+    def next_batch(self) -> tuple[int, list[BatchItem]]:
+        """The next (epoch, batch), moving on to the next epoch after the last batch."""
+        if self._position >= self.batches_per_epoch:
+            self._epoch += 1
+            self._position = 0
+        if self._cached_epoch != self._epoch:
+            self._cached_batches = self.epoch_batches(self._epoch)
+            self._cached_epoch = self._epoch
+        batch = self._cached_batches[self._position]
+        self._position += 1
+        return self._epoch, batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is (the next batch is `position` of `epoch`) and what it was built from."""
+        epoch, position = self._epoch, self._position
+        if position >= self.batches_per_epoch:
+            epoch, position = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "position": position,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "settings": self._settings(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` left off; ValueError if the data or settings differ from it."""
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                "cannot resume the data order: the dataset's bucket layout changed since the checkpoint was "
+                "saved (images added, removed, or assigned to other buckets, e.g. after changing data.path, "
+                "data.resolution or the bucket options). Restore the dataset or start a new run."
+            )
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"cannot resume the data order: the checkpoint used seed {state.get('seed')}, this run uses "
+                f"{self.seed} (train.seed)."
+            )
+        saved_settings = state.get("settings")
+        if saved_settings is not None:
+            changed = [
+                f"{name} {saved_settings.get(name)!r} → {value!r}"
+                for name, value in self._settings().items()
+                if saved_settings.get(name) != value
+            ]
+            if changed:
+                raise ValueError(f"cannot resume the data order: sampler settings changed ({'; '.join(changed)}).")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise ValueError(f"invalid sampler state: epoch {epoch}, position {position}")
+        self._epoch, self._position = epoch, position
+
+    def _settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _SETTING_NAMES}
+
+
+def _derived_seed(seed: int, epoch: int, purpose: str) -> int:
+    """A 64-bit seed from (seed, epoch, purpose); any ints, negatives included."""
+    digest = hashlib.sha256(f"dittune-sampler\0{seed}\0{epoch}\0{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _layout_fingerprint(buckets: dict[Bucket, list[int]]) -> str:
+    layout = [[bucket[0], bucket[1], indices] for bucket, indices in sorted(buckets.items())]
+    return hashlib.sha256(json.dumps(layout, separators=(",", ":")).encode()).hexdigest()

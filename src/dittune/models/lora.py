@@ -1,0 +1,75 @@
+"""LoRA on any denoiser through peft, independent of the family.
+
+The same injection is used in training and in `dittune.load_lora`, so a loaded adapter computes
+exactly what the trained one did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ADAPTER = "default"
+
+
+def inject_lora(
+    denoiser: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    dropout: float = 0.0,
+    adapter_name: str = ADAPTER,
+) -> list[str]:
+    """Add LoRA layers (B initialised to zero) to modules whose names end with a target.
+
+    Returns the adapted module names. Raises ValueError naming the targets if nothing matched.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [name for name, _ in denoiser.named_modules() if any(_matches(name, t) for t in targets)]
+    if not names:
+        raise ValueError(
+            f"lora.targets {list(targets)} match no module of {type(denoiser).__name__}; "
+            "use module name suffixes such as 'to_q' or 'attn1.to_out.0'"
+        )
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights=True
+    )
+    inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+    return names
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def lora_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in denoiser.named_parameters() if ".lora_" in n]
+
+
+def lora_state_dict(denoiser: nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed like diffusers/peft files (`blocks.0.attn1.to_q.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def load_lora_state_dict(denoiser: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = ADAPTER) -> None:
+    """Copy LoRA tensors into an injected adapter; every tensor must find its place."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if unexpected:
+        raise ValueError(f"LoRA tensors that match no adapted module: {unexpected[:5]}")
+    missing = [
+        k
+        for k in getattr(result, "missing_keys", [])
+        if f".lora_A.{adapter_name}." in k or f".lora_B.{adapter_name}." in k
+    ]
+    if missing:
+        raise ValueError(f"LoRA file lacks tensors for adapted modules: {missing[:5]}")

@@ -1,0 +1,65 @@
+"""Build training batches from the caches, with caption dropout decided per sample and text encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from dittune.cache.build import LATENT, TEXT
+from dittune.cache.store import CacheStore
+from dittune.models.base import SampleMeta, TextEncoderSlot, TrainBatch
+from dittune.train.prepare import EMPTY_PROMPT, PreparedData
+
+
+class CachedBatches:
+    """Collates `(sample index, flipped)` items of one bucket into a `TrainBatch` on `device`."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        prepared: PreparedData,
+        slots: Sequence[TextEncoderSlot],
+        dropout: Mapping[str, float],
+        device: torch.device,
+    ) -> None:
+        self.store = store
+        self.prepared = prepared
+        self.slots = list(slots)
+        self.dropout = {slot.name: float(dropout.get(slot.name, 0.0)) for slot in self.slots}
+        self.device = device
+        self.empty = self._load(TEXT, prepared.text_keys[EMPTY_PROMPT])
+
+    def _load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        entry = self.store.load(kind, key)
+        if entry is None:
+            raise RuntimeError(f"cache entry {kind}/{key} vanished during training; run `dittune cache` again")
+        return entry
+
+    def collate(self, items: Sequence[tuple[int, bool]], generator: torch.Generator) -> TrainBatch:
+        """`generator` (CPU) decides caption dropout, one draw per sample and encoder, in a fixed order."""
+        samples = self.prepared.plan.samples
+        moments: list[dict[str, torch.Tensor]] = []
+        texts: list[dict[str, torch.Tensor]] = []
+        meta: list[SampleMeta] = []
+        for index, flipped in items:
+            sample = samples[index]
+            moments.append(self._load(LATENT, self.prepared.latent_keys[(sample.key, flipped)]))
+            text = dict(self._load(TEXT, self.prepared.text_keys[sample.record.caption]))
+            for slot in self.slots:
+                if torch.rand((), generator=generator).item() < self.dropout[slot.name]:
+                    text.update({key: self.empty[key] for key in slot.keys})
+            texts.append(text)
+            placement = sample.placement
+            meta.append(
+                SampleMeta(
+                    original_size=(sample.record.width, sample.record.height),
+                    target_size=placement.bucket,
+                    crop_left_top=placement.crop_left_top,
+                    flipped=flipped,
+                )
+            )
+        return TrainBatch(moments=self._stack(moments), text=self._stack(texts), meta=meta)
+
+    def _stack(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([e[key] for e in entries]).to(self.device) for key in entries[0]}

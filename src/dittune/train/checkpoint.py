@@ -1,0 +1,75 @@
+"""Resumable checkpoints: atomic directories under OUTPUT_DIR/checkpoints, newest K kept.
+
+A checkpoint is written into a temporary folder by `accelerator.save_state` (optimizer, RNG states,
+registered objects: LR schedule, data position, generators) plus the trainable weights and a
+`trainer_state.json`, which is written last. The folder is then renamed into place, so a crash
+mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _NAME.match(child.name)
+            if match and (child / STATE_FILE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start, the newest for "latest", or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (missing {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step` atomically and prune old ones; returns its folder."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the trainer state."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())

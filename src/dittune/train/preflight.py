@@ -1,0 +1,81 @@
+"""Checks that need the file system or the family's spec class, run before any model is loaded."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+
+from dittune.config.schema import DittuneConfig
+from dittune.models.registry import family_names, spec_class
+
+Problem = tuple[str, str]
+
+
+def preflight(cfg: DittuneConfig) -> list[Problem]:
+    """Every problem found, as (dotted key, message with the fix); empty when the run can start."""
+    problems: list[Problem] = []
+    if cfg.model.family not in family_names():
+        close = difflib.get_close_matches(cfg.model.family, family_names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        problems.append(
+            ("model.family", f"unknown family {cfg.model.family!r} (known: {', '.join(family_names())}).{hint}")
+        )
+        return problems + _generic_checks(cfg)
+    spec_cls = spec_class(cfg.model.family)
+    problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
+    if cfg.data.bucket_step % spec_cls.alignment:
+        nearest = max(spec_cls.alignment, round(cfg.data.bucket_step / spec_cls.alignment) * spec_cls.alignment)
+        problems.append(
+            (
+                "data.bucket_step",
+                f"{cfg.data.bucket_step} is not a multiple of the {spec_cls.display_name} alignment "
+                f"({spec_cls.alignment}); use {nearest}.",
+            )
+        )
+    encoder_names = [slot.name for slot in spec_cls.text_encoders]
+    for name in cfg.train.caption_dropout_per_encoder:
+        if name not in encoder_names:
+            problems.append(
+                (
+                    f"train.caption_dropout_per_encoder.{name}",
+                    f"{spec_cls.display_name} has no text encoder {name!r}; its encoders are {encoder_names}.",
+                )
+            )
+    for key in ("width", "height"):
+        value = getattr(cfg.validation, key)
+        if value is not None and value % spec_cls.alignment:
+            problems.append(
+                (f"validation.{key}", f"{value} is not a multiple of {spec_cls.alignment} ({spec_cls.display_name}).")
+            )
+    return problems + _generic_checks(cfg)
+
+
+def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    if not cfg.data.path.is_dir():
+        problems.append(("data.path", f"{cfg.data.path} is not a folder; point it at your images."))
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+        problems.append(("output_dir", f"{cfg.output_dir} exists and is not a folder."))
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not cuda:
+        problems.append(("train.mixed_precision", 'fp16 autocast needs a CUDA GPU; use "bf16" or "no" on CPU.'))
+    if cfg.model.weight_dtype in ("bf16", "fp16") and cfg.train.mixed_precision == "no":
+        problems.append(
+            (
+                "model.weight_dtype",
+                f"{cfg.model.weight_dtype} weights need autocast; set train.mixed_precision = "
+                f'"{cfg.model.weight_dtype}" or weight_dtype = "fp32".',
+            )
+        )
+    if cfg.train.optimizer == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(("train.optimizer", 'adamw8bit needs bitsandbytes: pip install "dittune[bnb]".'))
+        elif not cuda:
+            problems.append(("train.optimizer", 'adamw8bit runs on CUDA only; use "adamw" on CPU.'))
+    if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:
+        problems.append(("train.trackers", 'wandb is not installed: pip install "dittune[wandb]" or drop it.'))
+    if cfg.lora.targets is not None and not cfg.lora.targets:
+        problems.append(("lora.targets", "an empty list adapts nothing; remove the key for the family default."))
+    return problems

@@ -1,0 +1,158 @@
+"""Turn the config's data folder into a bucket plan and filled caches, before the denoiser loads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from dittune.cache.build import (
+    CacheStats,
+    LatentJob,
+    ensure_latents,
+    ensure_text_embeddings,
+    release_memory,
+)
+from dittune.cache.store import CacheStore
+from dittune.config.schema import DittuneConfig
+from dittune.data.buckets import square_bucket
+from dittune.data.discover import discover
+from dittune.data.report import DatasetPlan, format_bucket_report, plan_dataset, remove_samples
+from dittune.data.transforms import RESIZE_METHOD, ImageLoadError, load_pixels
+from dittune.fingerprint import Fingerprinter
+from dittune.models.base import ModelSpec
+
+log = logging.getLogger(__name__)
+
+EMPTY_PROMPT = ""
+
+
+@dataclass
+class PreparedData:
+    plan: DatasetPlan
+    latent_keys: dict[tuple[str, bool], str]
+    """(sample key, flipped) → latent cache key."""
+    text_keys: dict[str, str]
+    """prompt → text cache key (captions, the empty prompt, validation prompts and negative prompt)."""
+    report: str
+    stats: dict[str, CacheStats] = field(default_factory=dict)
+
+
+def validation_size(cfg: DittuneConfig, alignment: int) -> tuple[int, int]:
+    """(width, height) for validation: configured, else the square bucket of data.resolution."""
+    side_w, side_h = square_bucket(cfg.data.resolution, cfg.data.resolution_type, alignment)
+    return cfg.validation.width or side_w, cfg.validation.height or side_h
+
+
+def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
+    data = cfg.data
+    records, skipped = discover(data.path, data.caption_extension, data.missing_caption)
+    return plan_dataset(
+        records,
+        data.path,
+        resolution=data.resolution,
+        resolution_type=data.resolution_type,
+        alignment=spec.alignment,
+        step=data.bucket_step,
+        max_aspect_ratio=data.max_aspect_ratio,
+        crop=data.crop,
+        crop_seed=data.crop_seed,
+        batch_size=cfg.train.batch_size,
+        incomplete_batches=data.incomplete_batches,
+        skipped=skipped,
+        repeats=data.repeats,
+    )
+
+
+def bucket_report(cfg: DittuneConfig, plan: DatasetPlan) -> str:
+    return format_bucket_report(plan, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.data.repeats)
+
+
+def prepare_data(
+    cfg: DittuneConfig,
+    spec: ModelSpec,
+    *,
+    device: torch.device,
+    compute_dtype: str,
+    get_vae: Callable[[], torch.nn.Module],
+    progress: bool = True,
+    announce: Callable[[str], None] = print,
+) -> PreparedData:
+    """Plan buckets (report printed before any encoding), then fill both caches."""
+    plan = plan_data(cfg, spec)
+    announce(bucket_report(cfg, plan))
+    store = CacheStore(cfg.cache_dir)
+    fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
+    flips = (False, True) if cfg.data.random_flip else (False,)
+    job_ids: list[tuple[str, bool]] = []
+    jobs: list[LatentJob] = []
+    for sample in plan.samples:
+        for flip in flips:
+            placement = sample.placement
+            geometry = {
+                "bucket": list(placement.bucket),
+                "resized": list(placement.resized),
+                "crop_left_top": list(placement.crop_left_top),
+                "flip": flip,
+                "resize": RESIZE_METHOD,
+            }
+            job_ids.append((sample.key, flip))
+            jobs.append(
+                LatentJob(
+                    sample.record.path,
+                    geometry,
+                    placement.bucket,
+                    partial(load_pixels, sample.record.path, placement, flip),
+                )
+            )
+    keys, latent_stats = ensure_latents(
+        spec,
+        store,
+        jobs,
+        get_vae=get_vae,
+        fingerprinter=fingerprinter,
+        source_mode=cfg.cache.source_fingerprint,
+        compute_dtype=compute_dtype,
+        storage_dtype=cfg.cache.latent_dtype,
+        batch_size=cfg.cache.vae_batch_size,
+        load_errors=(ImageLoadError,),
+        progress=progress,
+    )
+    failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
+    if failed_keys:
+        reasons = {
+            sample.key: reason
+            for sample in plan.samples
+            for path, reason in latent_stats.failed
+            if path == sample.record.path
+        }
+        plan = remove_samples(plan, failed_keys, reasons)
+        announce(f"{len(failed_keys)} image(s) failed to decode and were left out:")
+        for path, reason in latent_stats.failed:
+            announce(f"  {path}: {reason}")
+    latent_keys = {job_id: key for job_id, key in zip(job_ids, keys) if key is not None}
+    captions = [s.record.caption for s in plan.samples]
+    prompts = [*captions, EMPTY_PROMPT, *cfg.validation.prompts, cfg.validation.negative_prompt]
+    text_keys, text_stats = ensure_text_embeddings(
+        spec,
+        store,
+        prompts,
+        fingerprinter=fingerprinter,
+        device=device,
+        compute_dtype=compute_dtype,
+        storage_dtype=cfg.cache.text_dtype,
+        batch_size=cfg.cache.text_batch_size,
+        progress=progress,
+    )
+    fingerprinter.save()
+    release_memory()
+    return PreparedData(
+        plan=plan,
+        latent_keys=latent_keys,
+        text_keys=text_keys,
+        report=bucket_report(cfg, plan),
+        stats={"latents": latent_stats, "text": text_stats},
+    )

@@ -1,0 +1,131 @@
+"""Entry points behind `dittune train` and `dittune cache`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dittune.config.errors import ConfigError, Problem
+from dittune.config.schema import DittuneConfig
+from dittune.train.checkpoint import STATE_FILE, load_checkpoint, resolve_resume
+from dittune.train.preflight import preflight
+
+RESUME_CRITICAL = (
+    ("model", "family"),
+    ("model", "path"),
+    ("data",),
+    ("train", "method"),
+    ("train", "init"),
+    ("train", "batch_size"),
+    ("train", "gradient_accumulation_steps"),
+    ("train", "seed"),
+    ("lora",),
+    ("cache", "latent_sampling"),
+)
+
+
+def check(cfg: DittuneConfig) -> None:
+    problems = preflight(cfg)
+    if problems:
+        raise ConfigError([Problem(path, message) for path, message in problems])
+
+
+def _dig(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        data = data.get(key, {}) if isinstance(data, dict) else {}
+    return data
+
+
+def check_resume_compatible(cfg: DittuneConfig, checkpoint: Path) -> None:
+    """Refuse to resume when a setting that changes the data stream or the model differs."""
+    saved = json.loads((checkpoint / STATE_FILE).read_text())["config"]
+    current = json.loads(cfg.model_dump_json())
+    changed = [".".join(keys) for keys in RESUME_CRITICAL if _dig(saved, keys) != _dig(current, keys)]
+    if changed:
+        raise ConfigError(
+            [
+                Problem(
+                    key,
+                    f"differs from the checkpoint {checkpoint}; resuming would not continue that run. "
+                    "Restore it, or start a new run in another output_dir.",
+                )
+                for key in changed
+            ]
+        )
+
+
+def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = True) -> Any:
+    """Train as configured; returns the `TrainResult` (final output folder, steps, validation errors)."""
+    from dittune.train.setup import build_run, make_accelerator
+    from dittune.train.summary import startup_summary
+    from dittune.train.trainer import Trainer
+
+    check(cfg)
+    resume_path = resolve_resume(cfg.output_dir, resume)
+    if resume == "latest" and resume_path is None:
+        print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
+    if resume_path is not None:
+        check_resume_compatible(cfg, resume_path)
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.output_dir / "config.resolved.json").write_text(cfg.model_dump_json(indent=2))
+    accelerator = make_accelerator(cfg)
+    run = build_run(cfg, accelerator, progress=progress, announce=accelerator.print)
+    start_step = 0
+    if resume_path is not None:
+        start_step = int(load_checkpoint(accelerator, resume_path)["step"])
+    if accelerator.is_main_process:
+        tracker_config = {
+            k: v
+            for k, v in _flatten(json.loads(cfg.model_dump_json())).items()
+            if isinstance(v, int | float | str | bool)
+        }
+        accelerator.init_trackers("dittune", config=tracker_config)
+    accelerator.print(startup_summary(run, str(resume_path) if resume_path else None, start_step))
+    result = Trainer(run, start_step=start_step, progress=progress).train()
+    accelerator.print(f"Done: {result.steps} steps. Final weights in {result.final}")
+    if result.validation_errors:
+        accelerator.print(f"{len(result.validation_errors)} validation image(s) failed (training was not affected):")
+        for error in result.validation_errors:
+            accelerator.print(f"  {error}")
+    return result
+
+
+def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
+    """Build or refresh the caches only; returns the `PreparedData`."""
+    import torch
+
+    from dittune.cache.build import DTYPES, release_memory
+    from dittune.train.prepare import prepare_data
+    from dittune.train.setup import load_spec, weight_dtype_name
+
+    check(cfg)
+    spec, info = load_spec(cfg)
+    for warning in info.warnings:
+        print(f"warning: {warning}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = weight_dtype_name(cfg)
+    holder: dict[str, torch.nn.Module] = {}
+
+    def get_vae() -> torch.nn.Module:
+        holder.setdefault("vae", spec.load_vae(device, DTYPES[dtype]))
+        return holder["vae"]
+
+    prepared = prepare_data(cfg, spec, device=device, compute_dtype=dtype, get_vae=get_vae, progress=progress)
+    holder.clear()
+    release_memory()
+    print(prepared.stats["latents"].line("latents"))
+    print(prepared.stats["text"].line("text"))
+    print(f"cache: {cfg.cache_dir}")
+    return prepared
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

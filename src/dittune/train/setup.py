@@ -1,0 +1,201 @@
+"""Build everything a run needs: accelerator, spec, caches, denoiser, optimizer, sampler, generators."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dittune.cache.build import DTYPES
+from dittune.cache.store import CacheStore
+from dittune.config.schema import DittuneConfig
+from dittune.data.sampler import BucketBatchSampler
+from dittune.models.base import LossSettings, ModelInfo, ModelSpec
+from dittune.models.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from dittune.models.registry import spec_class
+from dittune.train.optim import build_lr_scheduler, build_optimizer
+from dittune.train.prepare import PreparedData, prepare_data
+
+log = logging.getLogger(__name__)
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def weight_dtype_name(cfg: DittuneConfig) -> str:
+    """Storage dtype of frozen weights: explicit, or follow mixed precision."""
+    if cfg.model.weight_dtype != "auto":
+        return cfg.model.weight_dtype
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.train.mixed_precision]
+
+
+def loss_settings(cfg: DittuneConfig, spec: ModelSpec) -> LossSettings:
+    settings = spec.default_loss_settings(cfg.train.method)
+    if cfg.loss.vlb is not None:
+        settings.vlb = cfg.loss.vlb
+    settings.noise_offset = cfg.loss.noise_offset
+    settings.min_snr_gamma = cfg.loss.min_snr_gamma
+    settings.sample_latents = cfg.cache.latent_sampling == "sample"
+    return settings
+
+
+class GeneratorState:
+    """Makes a torch.Generator checkpointable through accelerate's registered objects."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+@dataclass
+class Run:
+    """The live objects of a training run."""
+
+    cfg: DittuneConfig
+    accelerator: Any
+    spec: ModelSpec
+    info: ModelInfo
+    prepared: PreparedData
+    store: CacheStore
+    denoiser: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    scheduler: Any
+    sampler: BucketBatchSampler
+    noise_generator: torch.Generator
+    data_generator: torch.Generator
+    loss: LossSettings
+    vae: torch.nn.Module | None
+    weight_dtype: str
+    notes: list[str] = field(default_factory=list)
+
+
+def make_accelerator(cfg: DittuneConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs"))
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=list(cfg.train.trackers) or None,
+        project_config=project,
+    )
+
+
+def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
+    spec = spec_class(cfg.model.family)(cfg.model.path)
+    return spec, spec.inspect()
+
+
+def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, announce=print) -> Run:
+    """Everything up to the first step; text encoders are released, the VAE kept on CPU for validation."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    spec, info = load_spec(cfg)
+    for warning in info.warnings:
+        announce(f"warning: {warning}")
+    device = accelerator.device
+    dtype_name = weight_dtype_name(cfg)
+    holder: dict[str, torch.nn.Module] = {}
+
+    def get_vae() -> torch.nn.Module:
+        if "vae" not in holder:
+            holder["vae"] = spec.load_vae(device, DTYPES[dtype_name])
+        return holder["vae"]
+
+    prepared = prepare_data(
+        cfg, spec, device=device, compute_dtype=dtype_name, get_vae=get_vae, progress=progress, announce=announce
+    )
+    vae = None
+    if cfg.validation.prompts:
+        vae = get_vae().to("cpu")
+    holder.clear()
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.method == "full":
+        denoiser = spec.load_denoiser(torch.float32, random_init=cfg.train.init == "random")
+        denoiser.requires_grad_(True)
+        trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    else:
+        denoiser = spec.load_denoiser(DTYPES[dtype_name])
+        denoiser.requires_grad_(False)
+        inject_lora(
+            denoiser,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
+            targets=cfg.lora.targets or list(spec.default_lora_targets),
+            dropout=cfg.lora.dropout,
+        )
+        trainable = lora_parameters(denoiser)
+        for param in trainable:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        spec.enable_gradient_checkpointing(denoiser)
+    denoiser.to(device).train()
+
+    optimizer = build_optimizer(trainable, cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    sampler = BucketBatchSampler(
+        prepared.plan.buckets,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        drop_incomplete=cfg.data.incomplete_batches == "drop",
+        random_flip=cfg.data.random_flip,
+        repeats=cfg.data.repeats,
+    )
+    rank = accelerator.process_index
+    noise_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + 1 + rank)
+    data_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 2 + rank)
+    for obj in (lr_scheduler, sampler, GeneratorState(noise_generator), GeneratorState(data_generator)):
+        accelerator.register_for_checkpointing(obj)
+    if cfg.train.method == "lora":
+        _register_adapter_hooks(accelerator)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        spec=spec,
+        info=info,
+        prepared=prepared,
+        store=CacheStore(cfg.cache_dir),
+        denoiser=denoiser,
+        trainable=trainable,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scheduler=spec.load_scheduler(),
+        sampler=sampler,
+        noise_generator=noise_generator,
+        data_generator=data_generator,
+        loss=loss_settings(cfg, spec),
+        vae=vae,
+        weight_dtype=dtype_name,
+    )
+
+
+def _register_adapter_hooks(accelerator: Any) -> None:
+    """Checkpoints of LoRA runs hold only the adapter, not the frozen base weights."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                save_file(lora_state_dict(accelerator.unwrap_model(model)), str(Path(output_dir) / ADAPTER_FILE))
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        state = load_file(str(Path(input_dir) / ADAPTER_FILE))
+        while models:
+            load_lora_state_dict(accelerator.unwrap_model(models.pop()), state)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,44 @@
+"""The start-up summary printed before the first step."""
+
+from __future__ import annotations
+
+from dittune.train.setup import Run
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
+    cfg, info, plan = run.cfg, run.info, run.prepared.plan
+    total = sum(p.numel() for p in run.accelerator.unwrap_model(run.denoiser).parameters())
+    trainable = sum(p.numel() for p in run.trainable)
+    stats = run.prepared.stats
+    lines = [
+        "─" * 60,
+        f"Model      {run.spec.display_name} {info.version}  ({cfg.model.path})",
+        *(f"           {k}: {v}" for k, v in info.summary.items()),
+        f"Data       {len(plan.samples)} images in {len(plan.buckets)} bucket(s), {len(plan.skipped)} skipped"
+        f"  ({cfg.data.path})",
+        f"Cache      {stats['latents'].line('latents')}",
+        f"           {stats['text'].line('text')}   ({cfg.cache_dir})",
+        f"Training   {cfg.train.method}"
+        + (f" r={cfg.lora.rank} alpha={cfg.lora.alpha or cfg.lora.rank:g}" if cfg.train.method == "lora" else "")
+        + f", {_count(trainable)} trainable of {_count(total)} parameters",
+        f"           {cfg.train.max_steps} steps × batch {cfg.train.batch_size} × accumulation "
+        f"{cfg.train.gradient_accumulation_steps} × {run.accelerator.num_processes} process(es)",
+        f"           lr {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}), "
+        f"{cfg.train.optimizer}, precision {cfg.train.mixed_precision}, weights {run.weight_dtype}, "
+        f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"Objective  vlb {'on' if run.loss.vlb else 'off'}, noise offset {run.loss.noise_offset:g}, "
+        f"min-SNR {run.loss.min_snr_gamma or 'off'}, caption dropout {cfg.train.caption_dropout:g}",
+        f"Device     {run.accelerator.device}",
+        f"Output     {cfg.output_dir}",
+    ]
+    if resumed_from:
+        lines.append(f"Resumed    from {resumed_from} at step {start_step}")
+    lines.append("─" * 60)
+    return "\n".join(lines)

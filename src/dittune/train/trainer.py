@@ -1,0 +1,193 @@
+"""The training loop: steps count optimizer steps; checkpoints, metrics and validation hang off it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dittune.cache.build import TEXT
+from dittune.export.full import save_full_pipeline
+from dittune.export.lora_file import LoraInfo, save_lora
+from dittune.models.lora import lora_state_dict
+from dittune.train.batches import CachedBatches
+from dittune.train.checkpoint import save_checkpoint
+from dittune.train.metrics import MetricsLog, peak_memory_mb
+from dittune.train.prepare import validation_size
+from dittune.train.setup import Run
+from dittune.validate.runner import ValidationRequest, ValidationResult, run_validation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    final: Path
+    steps: int
+    validation_errors: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, run: Run, start_step: int = 0, progress: bool = True) -> None:
+        self.run = run
+        self.step = start_step
+        self.progress = progress
+        cfg = run.cfg
+        self.batches = CachedBatches(
+            run.store,
+            run.prepared,
+            run.spec.text_encoders,
+            {
+                slot.name: cfg.train.caption_dropout_per_encoder.get(slot.name, cfg.train.caption_dropout)
+                for slot in run.spec.text_encoders
+            },
+            run.accelerator.device,
+        )
+        self.metrics = MetricsLog(cfg.output_dir, run.accelerator, start_step)
+        self.validation_errors: list[str] = []
+        self._pipeline: Any = None
+
+    # --------------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        run, cfg = self.run, self.run.cfg
+        if cfg.validation.prompts and cfg.validation.at_start and self.step == 0:
+            self.validate()
+        bar = tqdm(
+            total=cfg.train.max_steps, initial=self.step, desc="Training", unit="step", disable=not self.progress
+        )
+        while self.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            loss, logs, samples = self.optimizer_step()
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps:
+                self.metrics.log(self.step, self._metrics(loss, logs, samples, elapsed))
+            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
+                self.checkpoint()
+            every = cfg.validation.every_steps
+            if cfg.validation.prompts and every and self.step % every == 0 and self.step < cfg.train.max_steps:
+                self.validate()
+        bar.close()
+        if cfg.validation.prompts:
+            self.validate()
+        final = self.export()
+        run.accelerator.end_training()
+        return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
+
+    def optimizer_step(self) -> tuple[float, dict[str, float], int]:
+        run, cfg = self.run, self.run.cfg
+        accumulation = cfg.train.gradient_accumulation_steps
+        total = torch.zeros((), device=run.accelerator.device)
+        logs: dict[str, float] = {}
+        samples = 0
+        for micro in range(accumulation):
+            _, items = run.sampler.next_batch()
+            batch = self.batches.collate(items, run.data_generator)
+            samples += batch.size
+            sync = micro == accumulation - 1
+            with nullcontext() if sync else run.accelerator.no_sync(run.denoiser):
+                with run.accelerator.autocast():
+                    out = run.spec.compute_loss(run.denoiser, run.scheduler, batch, run.noise_generator, run.loss)
+                run.accelerator.backward(out.loss / accumulation)
+            total += out.loss.detach() / accumulation
+            for key, value in out.logs.items():
+                logs[key] = logs.get(key, 0.0) + value / accumulation
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+        logs["grad_norm"] = float(run.accelerator.clip_grad_norm_(run.trainable, max_norm))
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return float(total), logs, samples
+
+    def _metrics(self, loss: float, logs: dict[str, float], samples: int, elapsed: float) -> dict[str, Any]:
+        run = self.run
+        world = run.accelerator.num_processes
+        return {
+            "loss": loss,
+            **logs,
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "step_time": elapsed,
+            "samples_per_s": samples * world / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_mb": peak_memory_mb(run.accelerator.device),
+            "epoch": run.sampler.state_dict()["epoch"],
+        }
+
+    # -------------------------------------------------------------- side tasks
+    def checkpoint(self) -> Path:
+        run = self.run
+        state = {"step": self.step, "config": json.loads(run.cfg.model_dump_json())}
+        return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, run.cfg.checkpoint.keep_last)
+
+    def validate(self) -> ValidationResult | None:
+        run, cfg = self.run, self.run.cfg
+        if not run.accelerator.is_main_process or run.vae is None:
+            return None
+        device = run.accelerator.device
+        denoiser = run.accelerator.unwrap_model(run.denoiser)
+        if self._pipeline is None:
+            self._pipeline = run.spec.build_pipeline(denoiser, run.vae, run.spec.load_scheduler())
+        width, height = validation_size(cfg, run.spec.alignment)
+        keys = run.prepared.text_keys
+        request = ValidationRequest(
+            prompts=cfg.validation.prompts,
+            positive=[run.store.load(TEXT, keys[p]) for p in cfg.validation.prompts],
+            negative=run.store.load(TEXT, keys[cfg.validation.negative_prompt]),
+            width=width,
+            height=height,
+            steps=cfg.validation.steps,
+            guidance=cfg.validation.guidance,
+            seed=cfg.validation.seed,
+        )
+        run.vae.to(device)
+        denoiser.eval()
+        try:
+            out_dir = cfg.output_dir / "validation" / f"step_{self.step:08d}"
+            result = run_validation(run.spec, self._pipeline, request, out_dir, run.accelerator.autocast)
+        finally:
+            denoiser.train()
+            run.vae.to("cpu")
+        self.validation_errors += [f"step {self.step}: {e}" for e in result.errors]
+        if result.grid is not None:
+            self._log_grid(result.grid)
+        return result
+
+    def _log_grid(self, grid: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for tracker in self.run.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                image = np.asarray(Image.open(grid).convert("RGB"))
+                tracker.writer.add_image("validation", image, self.step, dataformats="HWC")
+
+    def export(self) -> Path:
+        run, cfg = self.run, self.run.cfg
+        final = cfg.output_dir / "final"
+        run.accelerator.wait_for_everyone()
+        if not run.accelerator.is_main_process:
+            return final
+        denoiser = run.accelerator.unwrap_model(run.denoiser)
+        if cfg.train.method == "full":
+            return save_full_pipeline(run.spec.path, run.spec.denoiser_component, denoiser, final)
+        final.mkdir(parents=True, exist_ok=True)
+        info = LoraInfo(
+            family=run.spec.family,
+            component=run.spec.denoiser_component,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
+            targets=list(cfg.lora.targets or run.spec.default_lora_targets),
+            base_model=str(run.spec.path),
+            version=run.info.version,
+            extra={"steps": self.step, "config": json.loads(cfg.model_dump_json())},
+        )
+        save_lora(final / "lora.safetensors", lora_state_dict(denoiser), info)
+        return final

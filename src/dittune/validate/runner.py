@@ -1,0 +1,102 @@
+"""Validation images: the family's stock pipeline around the live model, fed from the text cache.
+
+Images go to OUTPUT_DIR/validation/step_NNNNNNNN/ as one PNG per prompt plus grid.png. A failing
+prompt is logged with its text and reported; it never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from dittune.models.base import ModelSpec, TextEmbedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationRequest:
+    prompts: Sequence[str]
+    positive: Sequence[TextEmbedding]
+    negative: TextEmbedding
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+
+
+@dataclass
+class ValidationResult:
+    images: list[Path] = field(default_factory=list)
+    grid: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    cleaned = re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower()
+    return cleaned[:limit] or "prompt"
+
+
+def run_validation(
+    spec: ModelSpec,
+    pipeline: Any,
+    request: ValidationRequest,
+    out_dir: Path,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> ValidationResult:
+    """Sample one image per prompt (seed + i on a CPU generator) and write PNGs and a grid."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ValidationResult()
+    images: list[tuple[str, Image.Image]] = []
+    for index, (prompt, positive) in enumerate(zip(request.prompts, request.positive)):
+        generator = torch.Generator("cpu").manual_seed(request.seed + index)
+        kwargs = spec.pipeline_kwargs(
+            positive,
+            request.negative,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance=request.guidance,
+            generator=generator,
+        )
+        try:
+            with torch.no_grad(), autocast():
+                image = pipeline(**kwargs).images[0]
+        except Exception as error:  # validation must never stop training
+            message = f"validation prompt {index} ({prompt!r}) failed: {type(error).__name__}: {error}"
+            log.error(message)
+            result.errors.append(message)
+            continue
+        path = out_dir / f"{index:02d}-{slug(prompt)}.png"
+        image.save(path)
+        result.images.append(path)
+        images.append((prompt, image))
+    if images:
+        result.grid = out_dir / "grid.png"
+        make_grid(images).save(result.grid)
+    return result
+
+
+def make_grid(images: Sequence[tuple[str, Image.Image]], columns: int = 4) -> Image.Image:
+    """Images side by side with their prompt written underneath."""
+    width = max(img.width for _, img in images)
+    height = max(img.height for _, img in images)
+    label = 14
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * (height + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (prompt, image) in enumerate(images):
+        x, y = (i % columns) * width, (i // columns) * (height + label)
+        grid.paste(image.convert("RGB"), (x, y))
+        draw.text((x + 2, y + height + 1), prompt[: max(4, width // 6)], fill="black")
+    return grid
