@@ -33,7 +33,23 @@ class CacheStore:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
     def contains(self, kind: str, key: str) -> bool:
-        return self.path(kind, key).is_file()
+        """True when a readable entry recording `key` exists; a damaged or misplaced file is removed.
+
+        Only the header is read (cheap). safetensors has no checksums, so damage inside tensor data is
+        caught later by `load`, which also treats it as a miss.
+        """
+        path = self.path(kind, key)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if (handle.metadata() or {}).get(KEY_FIELD) == key:
+                    return True
+        except Exception:  # an unreadable header is a miss
+            pass
+        log.warning("cache entry %s is damaged or misplaced; it will be rebuilt", path)
+        path.unlink(missing_ok=True)
+        return False
 
     def load(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
         """The entry's tensors, or None when it is missing or damaged (a damaged file is removed)."""
@@ -67,8 +83,11 @@ class CacheStore:
         path = self.path(kind, key)
         if not path.is_file():
             return None
-        with safe_open(path, framework="pt") as handle:
-            return json.loads((handle.metadata() or {}).get(FIELDS_FIELD, "{}"))
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return json.loads((handle.metadata() or {}).get(FIELDS_FIELD, "{}"))
+        except Exception:
+            return None
 
     def entries(self, kind: str) -> list[Path]:
         return sorted((self.root / kind).glob("*/*.safetensors"))

@@ -103,7 +103,8 @@ class CacheSection(Section):
     source_fingerprint: Literal["content", "stat"] = Field(
         "content",
         description=(
-            '"content": SHA-256 of each image file (an edited image is always re-encoded). '
+            '"content": SHA-256 of each image file (memoised per path, size and mtime, so an edit is seen unless '
+            "it keeps the size and the modification time was deliberately restored). "
             '"stat": path + size + modification time (faster on huge datasets; a same-size edit '
             "that keeps the mtime is not seen)."
         ),

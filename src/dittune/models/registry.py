@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from dittune.models.base import ModelSpec
+if TYPE_CHECKING:
+    from dittune.models.base import ModelSpec
 
 _FAMILIES: dict[str, str] = {
     "hunyuan-dit": "dittune.models.hunyuan_dit.spec:HunyuanDiTSpec",

@@ -80,8 +80,13 @@ class Run:
 
 def make_accelerator(cfg: DittuneConfig) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    # accelerate keeps process-wide singletons; a new run (e.g. a second one in the same Python process)
+    # must be free to choose its own precision. The distributed state itself is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs"))
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,

@@ -1,0 +1,503 @@
+"""Trainer overhead: dittune's cached training step ÷ the bare model step on the same batch, in one run.
+
+"ours" is the real training path: `build_run` + `Trainer`, caches already filled, each step exactly what
+`Trainer.train` does per step (`optimizer_step()` — collation from the cache store, latent sampling, noise,
+timesteps, RoPE, forward, loss, backward, gradient clipping, optimizer and LR-scheduler step, zero_grad — plus
+the metrics line). Checkpoints, validation, trackers and the progress bar are off.
+
+"bare" is the lower bound on the same model object, optimizer and autocast: one batch collated once, all
+inputs (x_t, t, text tensors, RoPE) computed once outside the timed loop, then per step only
+forward → MSE on the first 4 output channels against a fixed target → backward → optimizer.step() → zero_grad.
+
+Both are timed in alternating rounds inside one process, so machine noise hits both alike; the ratio of
+the medians is the overhead (target ≤ 1.10). Run `python benchmarks/trainer_overhead.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime as dt
+import inspect
+import os
+import platform
+import pstats
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import torch
+
+TARGET = 1.10
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PRECISIONS = {"bf16": "bf16", "fp32": "no"}
+"""Benchmark precision name → `train.mixed_precision`."""
+COLOURS = ((220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 20), (200, 30, 200), (30, 200, 200))
+CAPTION_WORDS = ("red", "blue", "green", "yellow", "magenta", "cyan")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def transformer_config(hidden: int, layers: int, size: int) -> dict[str, Any]:
+    """A v1.2-style HunyuanDiT2DModel with 64-dim heads; text sizes match the tiny encoders (32 wide)."""
+    if hidden % 64:
+        raise SystemExit(f"--hidden {hidden} must be a multiple of 64 (heads of 64 dims)")
+    return {
+        "sample_size": size // 8,
+        "patch_size": 2,
+        "in_channels": 4,
+        "num_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "attention_head_dim": 64,
+        "hidden_size": hidden,
+        "cross_attention_dim": 32,
+        "cross_attention_dim_t5": 32,
+        "pooled_projection_dim": 32,
+        "text_len": 77,
+        "text_len_t5": 256,
+        "mlp_ratio": 4.0,
+        "activation_fn": "gelu-approximate",
+        "learn_sigma": True,
+        "use_style_cond_and_image_meta_size": False,
+    }
+
+
+def build_model(folder: Path, hidden: int, layers: int, size: int) -> Path:
+    """The tiny pipeline (tokenizers, encoders, VAE, scheduler) with a larger transformer; reused if present."""
+    from diffusers import HunyuanDiT2DModel
+
+    from dittune.models.hunyuan_dit.tiny import build_tiny_hunyuan_dit
+
+    if (folder / "transformer" / "config.json").is_file() and (folder / "model_index.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    build_tiny_hunyuan_dit(folder, "v1.2", seed=0)
+    shutil.rmtree(folder / "transformer")
+    torch.manual_seed(0)
+    HunyuanDiT2DModel(**transformer_config(hidden, layers, size)).save_pretrained(
+        folder / "transformer", safe_serialization=True
+    )
+    return folder
+
+
+def build_dataset(folder: Path, size: int, count: int) -> Path:
+    """`count` square images (one bucket, so every batch has the same shape) with captions."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image_path = folder / f"img_{index:03d}.png"
+        if image_path.is_file():
+            continue
+        colour = COLOURS[index % len(COLOURS)]
+        image = Image.new("RGB", (size, size), (255, 255, 255))
+        inset = size // 8 + (index * size // 64) % (size // 4)
+        ImageDraw.Draw(image).ellipse([inset, inset, size - inset, size - inset], colour)
+        image.save(image_path)
+        word = CAPTION_WORDS[index % len(CAPTION_WORDS)]
+        (folder / f"img_{index:03d}.txt").write_text(f"a {word} circle number {index} on a white background")
+    return folder
+
+
+def make_config(root: Path, model: Path, data: Path, method: str, precision: str, size: int, batch: int) -> Any:
+    from dittune.config.load import validate_config
+
+    return validate_config(
+        {
+            "output_dir": str(root / "runs" / f"{method}-{precision}"),
+            "model": {"family": "hunyuan-dit", "path": str(model)},
+            "data": {"path": str(data), "resolution": size, "resolution_type": "pixel"},
+            "train": {
+                "method": method,
+                "max_steps": 1_000_000,
+                "batch_size": batch,
+                "mixed_precision": PRECISIONS[precision],
+                "trackers": [],
+                "log_every_steps": 1,
+            },
+            "cache": {"dir": str(root / "cache")},
+            "checkpoint": {"every_steps": 1_000_000},
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------ the two steps
+@dataclass
+class Case:
+    """One configuration (method × precision): its trainer and the two step functions."""
+
+    method: str
+    precision: str
+    trainer: Any
+    ours: Callable[[], None]
+    bare: Callable[[], None]
+    ours_ms: list[float] = field(default_factory=list)
+    bare_ms: list[float] = field(default_factory=list)
+    profile: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.precision}"
+
+
+def ours_step(trainer: Any) -> Callable[[], None]:
+    """One iteration of `Trainer.train`'s loop, minus the progress bar and the (disabled) side tasks."""
+
+    def step() -> None:
+        started = time.perf_counter()
+        loss, logs, samples = trainer.optimizer_step()
+        trainer.step += 1
+        elapsed = time.perf_counter() - started
+        trainer.metrics.log(trainer.step, trainer._metrics(loss, logs, samples, elapsed))
+
+    return step
+
+
+def bare_step(trainer: Any) -> Callable[[], None]:
+    """Forward + MSE + backward + optimizer step on one fixed batch, every input precomputed."""
+    from dittune.models.hunyuan_dit.spec import rotary_embedding
+
+    run = trainer.run
+    _, items = run.sampler.next_batch()
+    generator = torch.Generator().manual_seed(1234)
+    batch = trainer.batches.collate(items, generator)
+    device = run.accelerator.device
+    model = run.denoiser
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside accelerate's wrapper
+    cfg = run.spec.transformer_config
+    if run.spec.uses_size_conditioning:
+        raise SystemExit("the bare step assumes a v1.2-style transformer (no size/style conditioning)")
+
+    x0 = run.spec.latents_from_moments(batch.moments, generator, sample=False)
+    with run.accelerator.autocast():
+        autocast = torch.is_autocast_enabled(device.type)
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = torch.float32 if autocast else compute_dtype
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(device)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=generator).to(device)
+    x_t = (0.6 * x0 + 0.8 * noise).to(dtype)
+    target = torch.randn(x0.shape, generator=generator).to(device)
+    rope = rotary_embedding(int(cfg["attention_head_dim"]), x0.shape[-2], x0.shape[-1], int(cfg["patch_size"]), device)
+    text = batch.text
+    kwargs = {
+        "encoder_hidden_states": text["prompt_embeds"].to(dtype),
+        "text_embedding_mask": text["prompt_attention_mask"],
+        "encoder_hidden_states_t5": text["prompt_embeds_2"].to(dtype),
+        "text_embedding_mask_t5": text["prompt_attention_mask_2"],
+        "image_rotary_emb": rope,
+        "return_dict": False,
+    }
+    timesteps = t.to(dtype)
+
+    def step() -> None:
+        with run.accelerator.autocast():
+            out = model(x_t, timesteps, **kwargs)[0]
+        loss = torch.nn.functional.mse_loss(out[:, :4].float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Milliseconds per step over `steps` consecutive steps."""
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - started) * 1000 / steps
+
+
+def profile_items() -> list[tuple[str, list[Any]]]:
+    """(label, functions) whose cumulative cProfile time is reported; indented labels are parts of the one above."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from diffusers import HunyuanDiT2DModel
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from dittune.cache.store import CacheStore
+    from dittune.models import diffusion_objective as objective
+    from dittune.models.hunyuan_dit import spec
+    from dittune.train.batches import CachedBatches
+    from dittune.train.metrics import MetricsLog
+    from dittune.train.trainer import Trainer
+
+    return [
+        ("collate (cache loads + stack + to device)", [CachedBatches.collate]),
+        ("  CacheStore.load (safetensors)", [CacheStore.load]),
+        ("compute_loss (everything below)", [spec.HunyuanDiTSpec.compute_loss]),
+        ("  latents_from_moments (posterior sample)", [spec.HunyuanDiTSpec.latents_from_moments]),
+        ("  add_noise", [objective.add_noise]),
+        ("  rotary_embedding (RoPE)", [spec.rotary_embedding]),
+        ("  denoiser forward", [HunyuanDiT2DModel.forward]),
+        ("  learned_sigma_v_loss", [objective.learned_sigma_v_loss]),
+        ("    vlb_bits", [objective.vlb_bits]),
+        ("accelerator.backward", [Accelerator.backward]),
+        ("accelerator.clip_grad_norm_", [Accelerator.clip_grad_norm_]),
+        ("optimizer.step (accelerate wrapper)", [AcceleratedOptimizer.step]),
+        ("lr_scheduler.step", [LRScheduler.step]),
+        ("optimizer.zero_grad", [AcceleratedOptimizer.zero_grad]),
+        ("metrics (_metrics + MetricsLog.log)", [Trainer._metrics, MetricsLog.log]),
+    ]
+
+
+def _code_key(function: Any) -> tuple[str, int, str]:
+    code = inspect.unwrap(function).__code__
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def profile_ours(case: Case, steps: int) -> list[tuple[str, float]]:
+    """cProfile cumulative ms/step of the parts of our step (profiler overhead included)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        case.ours()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows: list[tuple[str, float]] = []
+    for label, functions in profile_items():
+        seconds = sum(stats.get(_code_key(f), (0, 0, 0, 0.0))[3] for f in functions)
+        rows.append((label, seconds * 1000 / steps))
+    return rows
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def build_cases(root: Path, model: Path, data: Path, methods: list[str], precision: str, args: Any) -> list[Case]:
+    from accelerate.state import AcceleratorState
+
+    from dittune.train.runner import check
+    from dittune.train.setup import build_run, make_accelerator
+    from dittune.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)  # mixed precision is process-global in accelerate
+    cases = []
+    for method in methods:
+        cfg = make_config(root, model, data, method, precision, args.size, args.batch_size)
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        check(cfg)
+        cfg.output_dir.mkdir(parents=True)
+        with quiet():
+            run = build_run(cfg, make_accelerator(cfg), progress=False, announce=lambda _line: None)
+        trainer = Trainer(run, progress=False)
+        cases.append(Case(method, precision, trainer, ours_step(trainer), bare_step(trainer)))
+    return cases
+
+
+def measure(cases: list[Case], args: Any, device: torch.device, log: Callable[[str], None]) -> None:
+    for case in cases:  # warm up both paths (allocator, oneDNN kernels, optimizer state)
+        for fn in (case.ours, case.bare):
+            time_steps(fn, args.warmup, device)
+    for round_index in range(args.rounds):
+        order = cases if round_index % 2 == 0 else cases[::-1]
+        for position, case in enumerate(order):
+            ours_first = (round_index + position) % 2 == 0
+            for which in ("ours", "bare") if ours_first else ("bare", "ours"):
+                fn = case.ours if which == "ours" else case.bare
+                (case.ours_ms if which == "ours" else case.bare_ms).append(time_steps(fn, args.steps, device))
+            log(
+                f"  round {round_index + 1}/{args.rounds} {case.name:<10} ours {case.ours_ms[-1]:8.1f} ms  "
+                f"bare {case.bare_ms[-1]:8.1f} ms  ratio {case.ours_ms[-1] / case.bare_ms[-1]:.3f}"
+            )
+    if args.profile:
+        for case in cases:
+            case.profile = profile_ours(case, args.steps)
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def ratio(case: Case) -> float:
+    return statistics.median(case.ours_ms) / statistics.median(case.bare_ms)
+
+
+def results_table(cases: list[Case]) -> str:
+    lines = [
+        "| config | ours ms/step | bare ms/step | ratio (medians) | per-round ratios min–max | ≤ 1.10 |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for case in cases:
+        rounds = [o / b for o, b in zip(case.ours_ms, case.bare_ms)]
+        lines.append(
+            f"| {case.name} | {statistics.median(case.ours_ms):.1f} | {statistics.median(case.bare_ms):.1f} | "
+            f"{ratio(case):.3f} | {min(rounds):.3f}–{max(rounds):.3f} | {'yes' if ratio(case) <= TARGET else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(cases: list[Case]) -> str:
+    profiled = [c for c in cases if c.profile]
+    if not profiled:
+        return ""
+    lines = [
+        "| part of `optimizer_step` (cumulative, cProfile) | " + " | ".join(f"{c.name} ms" for c in profiled) + " |",
+        "|---|" + "---:|" * len(profiled),
+    ]
+    for row, (label, _) in enumerate(profiled[0].profile):
+        cells = " | ".join(f"{c.profile[row][1]:.2f}" for c in profiled)
+        lines.append(f"| {label.replace('  ', '&nbsp;&nbsp;')} | {cells} |")
+    return "\n".join(lines)
+
+
+def machine_line(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    parts = [
+        f"{cpu}, {os.cpu_count()} CPU(s), torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"Python {platform.python_version()}, {platform.system()}",
+    ]
+    if device.type == "cuda":
+        parts.insert(0, torch.cuda.get_device_name(device))
+    return "; ".join(parts)
+
+
+def write_results(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement block (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating ours/bare rounds per config (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each path first (default 2)")
+    parser.add_argument("--methods", default="lora,full", help="comma list of lora, full (default both)")
+    parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16, fp32 (default both)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels, one square bucket (default 256)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    parser.add_argument("--hidden", type=int, default=384, help="transformer width, multiple of 64 (default 384)")
+    parser.add_argument("--layers", type=int, default=8, help="transformer blocks (default 8)")
+    parser.add_argument("--images", type=int, default=8, help="images in the dataset (default 8)")
+    parser.add_argument("--profile", action="store_true", help="also cProfile the parts of our step (after timing)")
+    parser.add_argument("--workdir", type=Path, help="keep model, data and caches here (default: a temp folder)")
+    parser.add_argument("--write", action="store_true", help="write benchmarks/results/trainer_overhead-<dev>.md")
+    args = parser.parse_args(argv)
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for name in args.method_list:
+        if name not in ("lora", "full"):
+            parser.error(f"--methods: unknown method {name!r}")
+    for name in args.precision_list:
+        if name not in PRECISIONS:
+            parser.error(f"--precisions: unknown precision {name!r}")
+    if args.size % 16 or args.size < 64:
+        parser.error("--size must be a multiple of 16, at least 64")
+    if args.images < args.batch_size:
+        parser.error("--images must be at least --batch-size")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = shlex.join(["python", "benchmarks/trainer_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dittune-bench-")))
+        else:
+            root = args.workdir.resolve()
+            root.mkdir(parents=True, exist_ok=True)
+        log(f"building model and data in {root} ...")
+        model = build_model(
+            root / f"model-h{args.hidden}-l{args.layers}-s{args.size}", args.hidden, args.layers, args.size
+        )
+        data = build_dataset(root / f"data-{args.size}-{args.images}", args.size, args.images)
+        setup_s = time.perf_counter() - started
+        cases: list[Case] = []
+        for precision in args.precision_list:
+            log(f"{precision}: building runs ({', '.join(args.method_list)}) and warming up ...")
+            group = build_cases(root, model, data, args.method_list, precision, args)
+            measure(group, args, device, log)
+            cases += group
+            params = sum(p.numel() for p in group[0].trainer.run.denoiser.parameters() if not _is_lora(p, group[0]))
+            for case in group:  # release the models before the next precision group
+                case.trainer = None
+                case.ours = case.bare = _released
+            del group
+        total_s = time.perf_counter() - started
+
+    tokens = (args.size // 16) ** 2
+    setup = (
+        f"HunyuanDiT2DModel hidden {args.hidden}, {args.layers} layers, {args.hidden // 64} heads × 64, "
+        f"{params / 1e6:.1f} M base parameters; {args.size}×{args.size} images → {tokens} image tokens + 77/256 "
+        f"text tokens; batch {args.batch_size}; {args.rounds} rounds × {args.steps} steps per path and config, "
+        f"{args.warmup} warm-up steps; LoRA rank 16 on to_q/to_k/to_v/to_out.0; AdamW; max_grad_norm 1.0."
+    )
+    summary = results_table(cases)
+    profile = profile_table(cases)
+    load_after = os.getloadavg()
+    log("")
+    log(summary)
+    if profile:
+        log("")
+        log(profile)
+    log(
+        f"\nbenchmark wall time {total_s:.0f} s (setup {setup_s:.0f} s); load average {load_before[0]:.2f} → "
+        f"{load_after[0]:.2f}"
+    )
+    if args.write:
+        path = RESULTS_DIR / f"trainer_overhead-{device.type}.md"
+        body = [
+            f"# Trainer overhead ({device.type})",
+            "",
+            f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- machine: {machine_line(device)}",
+            f"- command: `{command}`",
+            f"- setup: {setup}",
+            f"- wall time: {total_s:.0f} s (building model, data and caches {setup_s:.0f} s); load average "
+            f"{load_before[0]:.2f} at start, {load_after[0]:.2f} at end",
+            "",
+            "ratio = median(ours) ÷ median(bare) over the rounds; ours = one `Trainer.train` loop iteration on "
+            "cached data, bare = forward + MSE + backward + optimizer step on one precomputed batch, same model "
+            f"and optimizer. Target ≤ {TARGET:.2f}.",
+            "",
+            summary,
+        ]
+        if profile:
+            body += ["", "Where our step's time goes (cProfile, ms per step, profiler overhead included):", "", profile]
+        write_results(path, "\n".join(body) + "\n")
+        log(f"wrote {path}")
+    return 0 if all(ratio(c) <= TARGET for c in cases) else 1
+
+
+def _is_lora(param: torch.nn.Parameter, case: Case) -> bool:
+    return any(param is p for p in case.trainer.run.trainable) and case.method == "lora"
+
+
+def _released() -> None:
+    raise RuntimeError("this case's run was released")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny Hunyuan-DiT pipelines (built once per session) and tiny image datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 230, 20)}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"v1.1": path, "v1.2": path} — real architectures, random weights, diffusers layout."""
+    from dittune.models.hunyuan_dit.tiny import build_tiny_hunyuan_dit
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {variant: build_tiny_hunyuan_dit(root / variant, variant, seed=0) for variant in ("v1.1", "v1.2")}
+
+
+def make_dataset(
+    root: Path,
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64)),
+    colours: tuple[str, ...] = ("red", "blue", "green", "yellow"),
+) -> Path:
+    """Circles of each colour at each size, with `.txt` captions; returns `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in colours:
+        for index, (width, height) in enumerate(sizes):
+            image = Image.new("RGB", (width, height), (255, 255, 255))
+            ImageDraw.Draw(image).ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], COLOURS[name])
+            image.save(root / f"{name}_{index}.png")
+            (root / f"{name}_{index}.txt").write_text(f"a {name} circle on a white background")
+    return root
+
+
+def write_config(path: Path, model: Path, data: Path, output_dir: Path, extra: str = "", **train: object) -> Path:
+    """A minimal TOML config; `train` entries go into [train], `extra` is appended verbatim."""
+    train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in {"max_steps": 4, "batch_size": 2, **train}.items())
+    path.write_text(
+        f'output_dir = "{output_dir}"\n'
+        f'[model]\nfamily = "hunyuan-dit"\npath = "{model}"\n'
+        f'[data]\npath = "{data}"\nresolution = 64\nresolution_type = "pixel"\n'
+        f"[train]\n{train_lines}\ntrackers = []\n{extra}\n"
+    )
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
