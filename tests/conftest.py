@@ -42,12 +42,13 @@ def make_dataset(
 
 def write_config(path: Path, model: Path, data: Path, output_dir: Path, extra: str = "", **train: object) -> Path:
     """A minimal TOML config; `train` entries go into [train], `extra` is appended verbatim."""
-    train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in {"max_steps": 4, "batch_size": 2, **train}.items())
+    settings = {"max_steps": 4, "batch_size": 2, "trackers": [], **train}
+    train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
     path.write_text(
         f'output_dir = "{output_dir}"\n'
         f'[model]\nfamily = "hunyuan-dit"\npath = "{model}"\n'
         f'[data]\npath = "{data}"\nresolution = 64\nresolution_type = "pixel"\n'
-        f"[train]\n{train_lines}\ntrackers = []\n{extra}\n"
+        f"[train]\n{train_lines}\n{extra}\n"
     )
     return path
 
@@ -57,6 +58,8 @@ def _toml(value: object) -> str:
         return str(value).lower()
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 

@@ -37,7 +37,7 @@ def _metrics(output_dir: Path) -> list[dict]:
 @pytest.mark.parametrize(
     ("variant", "method", "train_extra"),
     [
-        ("v1.2", "lora", {"gradient_checkpointing": True}),
+        ("v1.2", "lora", {"gradient_checkpointing": True, "trackers": ["tensorboard"]}),
         ("v1.1", "lora", {"mixed_precision": "bf16"}),
         ("v1.2", "full", {"gradient_accumulation_steps": 2}),
         ("v1.1", "full", {}),
@@ -61,7 +61,8 @@ def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method,
         folder = out / "validation" / f"step_{step:08d}"
         assert (folder / "grid.png").is_file() and len(list(folder.glob("00-*.png"))) == 1
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]
-    assert list((out / "logs").rglob("events.out.tfevents.*")) == []  # trackers = [] in these configs
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert bool(events) == ("tensorboard" in train_extra.get("trackers", []))
 
     final = out / "final"
     base = tiny_models[variant]
@@ -333,3 +334,17 @@ def test_lora_learns_one_image(tmp_path, tiny_models):
 
     base, tuned = distances(base_pipe), distances(tuned_pipe)
     assert all(t < 0.7 * b for t, b in zip(tuned, base)), (base, tuned)
+
+
+def test_cache_command_builds_then_reuses(tmp_path, tiny_models, dataset, capsys):
+    (dataset / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (dataset / "broken.txt").write_text("a broken image")
+    cfg = write_config(tmp_path / "cfg.toml", tiny_models["v1.2"], dataset, tmp_path / "run")
+    assert main(["cache", str(cfg)]) == 0
+    first = capsys.readouterr().out
+    assert "latents: 0 cached, 8 encoded" in first and "broken.png" in first
+    assert main(["cache", str(cfg)]) == 0
+    second = capsys.readouterr().out
+    assert (
+        "latents: 8 cached, 0 encoded" in second and "text: 5 cached, 0 encoded" in second
+    )  # 4 captions + the empty one
