@@ -42,7 +42,7 @@ class ValidationResult:
 
 
 def slug(text: str, limit: int = 40) -> str:
-    cleaned = re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower()
+    cleaned = re.sub(r"[\W_]+", "-", text).strip("-").lower()  # \w is Unicode-aware: Chinese prompts keep their words
     return cleaned[:limit] or "prompt"
 
 
