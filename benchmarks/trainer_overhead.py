@@ -317,7 +317,7 @@ def build_cases(root: Path, model: Path, data: Path, methods: list[str], precisi
     from dittune.train.setup import build_run, make_accelerator
     from dittune.train.trainer import Trainer
 
-    AcceleratorState._reset_state(True)  # mixed precision is process-global in accelerate
+    AcceleratorState._reset_state()  # mixed precision is process-global in accelerate
     cases = []
     for method in methods:
         cfg = make_config(root, model, data, method, precision, args.size, args.batch_size)
@@ -424,12 +424,14 @@ def describe_setup(run: Any, args: Any) -> str:
 
 
 def contention_line(cases: list[Case]) -> str:
-    """How much other processes got in the way: wall ÷ CPU time of the bare step (1.00 = undisturbed)."""
-    values = [statistics.median(c.bare_ms) / statistics.median(c.bare_cpu_ms) for c in cases if c.bare_cpu_ms]
+    """How much other processes got in the way: wall × threads ÷ CPU time of the bare step (1.00 = undisturbed)."""
+    threads = torch.get_num_threads()
+    values = [statistics.median(c.bare_ms) * threads / statistics.median(c.bare_cpu_ms) for c in cases if c.bare_cpu_ms]
     text = ", ".join(f"{c.name} {v:.2f}" for c, v in zip(cases, values))
     return (
-        f"wall ÷ CPU time of the bare step: {text} (with --threads 1, 1.00 means the process had a core to "
-        "itself; well above 1 means other processes competed and the CPU-time ratio is the more reliable one)"
+        f"wall × threads ÷ CPU time of the bare step: {text} (1.00: the process had its {threads} core(s) to "
+        "itself; well above 1: other processes competed, and with --threads 1 the CPU-time ratio is the more "
+        "reliable one)"
     )
 
 

@@ -16,11 +16,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainSection) -
         "eps": train.adam_epsilon,
         "weight_decay": train.weight_decay,
     }
+    params = list(params)
     if train.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(list(params), **kwargs)
-    return torch.optim.AdamW(list(params), **kwargs)
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    # The fused kernel is several times faster than the per-parameter loop (CPU and CUDA).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LRScheduler:

@@ -226,13 +226,11 @@ class HunyuanDiTSpec(ModelSpec):
 
     def forward(self, denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """One denoiser call on a bucket batch; returns (B, 8, h, w)."""
-        cfg = self.transformer_config
         compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
         autocast = torch.is_autocast_enabled(x_t.device.type)
         # Timesteps stay float32 under autocast: bf16 cannot hold integers above 256 exactly.
         input_dtype = torch.float32 if autocast else compute_dtype
-        head_dim = int(cfg["attention_head_dim"])
-        rope = rotary_embedding(head_dim, x_t.shape[-2], x_t.shape[-1], int(cfg["patch_size"]), x_t.device)
+        rope = self._rope(x_t.shape[-2], x_t.shape[-1], x_t.device)
         text = batch.text
         kwargs: dict[str, Any] = {}
         if self.uses_size_conditioning:
@@ -249,6 +247,17 @@ class HunyuanDiTSpec(ModelSpec):
             return_dict=False,
             **kwargs,
         )[0]
+
+    def _rope(self, latent_height: int, latent_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE per bucket, computed once per (size, device)."""
+        cache: dict = self.__dict__.setdefault("_rope_cache", {})
+        key = (latent_height, latent_width, str(device))
+        if key not in cache:
+            cfg = self.transformer_config
+            cache[key] = rotary_embedding(
+                int(cfg["attention_head_dim"]), latent_height, latent_width, int(cfg["patch_size"]), device
+            )
+        return cache[key]
 
     def _tables(self, scheduler: Any):
         from dittune.models.diffusion_objective import DDPMTables
