@@ -348,3 +348,38 @@ def test_cache_command_builds_then_reuses(tmp_path, tiny_models, dataset, capsys
     assert (
         "latents: 8 cached, 0 encoded" in second and "text: 5 cached, 0 encoded" in second
     )  # 4 captions + the empty one
+
+
+def test_adamw8bit_full_run_has_8bit_states_and_resumes(tmp_path, tiny_models, dataset):
+    """bitsandbytes AdamW8bit (runs on CPU too): 8-bit moments for large tensors, exact resume."""
+    extra = "[checkpoint]\nevery_steps = 2\nkeep_last = 5\n"
+    straight = tmp_path / "straight"
+    cfg = write_config(
+        tmp_path / "cfg.toml",
+        tiny_models["v1.2"],
+        dataset,
+        straight,
+        extra,
+        method="full",
+        optimizer="adamw8bit",
+        learning_rate=1e-3,
+    )
+    assert main(["train", str(cfg)]) == 0
+    state = torch.load(straight / "checkpoints" / "step_00000004" / "optimizer.bin", weights_only=False)["state"]
+
+    def dtypes(value: object) -> set[torch.dtype]:
+        if torch.is_tensor(value):
+            return {value.dtype}
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else []
+        return set().union(*(dtypes(child) for child in children))
+
+    found = dtypes(state)
+    assert torch.uint8 in found and torch.float32 in found, found
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight / "checkpoints" / "step_00000002", crashed / "checkpoints" / "step_00000002")
+    args = ["train", str(cfg), "--set", f"output_dir={crashed}", "--set", f"cache.dir={straight / 'cache'}"]
+    assert main([*args, "--resume", "latest"]) == 0
+    name = "final/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(straight / name), load_file(crashed / name)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -170,7 +170,8 @@ class TrainSection(Section):
     ] = Field("constant", description="Learning-rate schedule after warmup (diffusers get_scheduler names).")
     lr_warmup_steps: int = Field(0, description="Linear warmup steps.", ge=0)
     optimizer: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description='"adamw" (torch) or "adamw8bit" (bitsandbytes, CUDA only).'
+        "adamw",
+        description='"adamw" (torch, fused) or "adamw8bit" (bitsandbytes; 8-bit states for tensors ≥ 4096 elements).',
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2.")

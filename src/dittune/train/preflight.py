@@ -69,11 +69,8 @@ def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
                 f'"{cfg.model.weight_dtype}" or weight_dtype = "fp32".',
             )
         )
-    if cfg.train.optimizer == "adamw8bit":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(("train.optimizer", 'adamw8bit needs bitsandbytes: pip install "dittune[bnb]".'))
-        elif not cuda:
-            problems.append(("train.optimizer", 'adamw8bit runs on CUDA only; use "adamw" on CPU.'))
+    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(("train.optimizer", 'adamw8bit needs bitsandbytes: pip install "dittune[bnb]".'))
     if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:
         problems.append(("train.trackers", 'wandb is not installed: pip install "dittune[wandb]" or drop it.'))
     if cfg.lora.targets is not None and not cfg.lora.targets:

@@ -86,8 +86,10 @@ def run_validation(
     return result
 
 
-def make_grid(images: Sequence[tuple[str, Image.Image]], columns: int = 4) -> Image.Image:
-    """Images side by side with their prompt written underneath."""
+def make_grid(images: Sequence[tuple[str, Image.Image]], columns: int = 4, min_tile: int = 256) -> Image.Image:
+    """Images side by side with their prompt written underneath; small images are enlarged (nearest)."""
+    scale = max(1, min_tile // max(img.width for _, img in images))
+    images = [(prompt, img.resize((img.width * scale, img.height * scale), Image.NEAREST)) for prompt, img in images]
     width = max(img.width for _, img in images)
     height = max(img.height for _, img in images)
     label = 14
