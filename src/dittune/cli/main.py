@@ -8,22 +8,19 @@ value) are printed as `error: ...` with exit status 2; set DITTUNE_DEBUG=1 for t
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from dittune.config import ConfigError, DittuneConfig, load_config
+from dittune.models.registry import tiny_builder, tiny_families
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-TINY_BUILDERS: MappingProxyType[str, tuple[str, tuple[str, ...]]] = MappingProxyType(
-    {"hunyuan-dit": ("dittune.models.hunyuan_dit.tiny:build_tiny_hunyuan_dit", ("v1.2", "v1.1"))}
-)
-"""Family → (builder "module:function", variants with the default first) for `dittune tiny`."""
+TINY_BUILDERS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(tiny_families())
+"""family → tiny-model variants (default first), from the model registry."""
 
 
 def _version() -> str:
@@ -110,13 +107,11 @@ def _cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    target, variants = TINY_BUILDERS[args.family]
+    variants = TINY_BUILDERS[args.family]
     variant = args.variant or variants[0]
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r} for {args.family}; choose one of {', '.join(variants)}")
-    module_name, _, attr = target.partition(":")
-    builder: Callable[..., Path] = getattr(importlib.import_module(module_name), attr)
-    print(builder(Path(args.out_dir), variant=variant, seed=args.seed))
+    print(tiny_builder(args.family)(Path(args.out_dir), variant=variant, seed=args.seed))
     return EXIT_OK
 
 
@@ -177,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny", help="write a tiny random model for tests and smoke runs")
     tiny.add_argument("family", choices=sorted(TINY_BUILDERS), help="model family")
     tiny.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder to write")
-    variants = sorted({v for _, vs in TINY_BUILDERS.values() for v in vs})
+    variants = sorted({v for vs in TINY_BUILDERS.values() for v in vs})
     tiny.add_argument("--variant", default=None, help=f"family variant ({' | '.join(variants)}; default: latest)")
     tiny.add_argument("--seed", type=int, default=0, metavar="N")
     tiny.set_defaults(handler=_cmd_tiny)

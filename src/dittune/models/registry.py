@@ -13,6 +13,24 @@ _FAMILIES: dict[str, str] = {
 }
 
 
+_TINY_BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # family → (builder "module:function", variants with the default first)
+    "hunyuan-dit": ("dittune.models.hunyuan_dit.tiny:build_tiny_hunyuan_dit", ("v1.2", "v1.1")),
+}
+
+
+def tiny_families() -> dict[str, tuple[str, ...]]:
+    """Families with an offline tiny-model builder, and their variants (default first)."""
+    return {family: variants for family, (_, variants) in _TINY_BUILDERS.items()}
+
+
+def tiny_builder(family: str):
+    """The `build(out_dir, variant=..., seed=...) -> Path` function of a family (imported lazily)."""
+    target = _TINY_BUILDERS[family][0]
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def family_names() -> list[str]:
     return sorted(_FAMILIES)
 
