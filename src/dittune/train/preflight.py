@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 
 from dittune.config.schema import DittuneConfig
+from dittune.data.buckets import snap
 from dittune.models.registry import family_names, spec_class
 
 Problem = tuple[str, str]
@@ -24,7 +25,7 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
     spec_cls = spec_class(cfg.model.family)
     problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
     if cfg.data.bucket_step % spec_cls.alignment:
-        nearest = max(spec_cls.alignment, round(cfg.data.bucket_step / spec_cls.alignment) * spec_cls.alignment)
+        nearest = snap(cfg.data.bucket_step, spec_cls.alignment)
         problems.append(
             (
                 "data.bucket_step",

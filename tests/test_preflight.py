@@ -1,0 +1,77 @@
+"""Checks run before any model loads: each problem names its key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import write_config
+from dittune.config import load_config
+from dittune.train.preflight import preflight
+
+
+@pytest.fixture
+def config(tmp_path, tiny_models, dataset):
+    path = write_config(tmp_path / "cfg.toml", tiny_models["v1.2"], dataset, tmp_path / "run")
+    return lambda *overrides: load_config(path, overrides)
+
+
+def _keys(problems: list[tuple[str, str]]) -> list[str]:
+    return [key for key, _ in problems]
+
+
+def test_valid_config_has_no_problems(config):
+    assert preflight(config()) == []
+
+
+def test_unknown_family_suggests_the_close_one(config):
+    problems = preflight(config("model.family=hunyuan-dt"))
+    assert _keys(problems) == ["model.family"]
+    assert "hunyuan-dit" in problems[0][1]
+
+
+def test_paths_and_model_folder(config, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    problems = preflight(config(f"model.path={empty}", f"data.path={tmp_path / 'nowhere'}"))
+    assert set(_keys(problems)) == {"model.path", "data.path"}
+    assert any("model_index.json" in message for _, message in problems)
+
+
+def test_family_alignment_and_encoder_names(config):
+    problems = dict(
+        preflight(
+            config(
+                "data.bucket_step=40",
+                "train.caption_dropout_per_encoder={clip = 0.1, t5 = 0.2, llama = 0.3}",
+                "validation.width=100",
+            )
+        )
+    )
+    assert "use 48" in problems["data.bucket_step"]
+    assert (
+        "'clip', 't5'" in problems["train.caption_dropout_per_encoder.llama"]
+        or "clip" in problems["train.caption_dropout_per_encoder.llama"]
+    )
+    assert "validation.width" in problems and "train.caption_dropout_per_encoder.clip" not in problems
+
+
+def test_precision_combinations(config):
+    problems = dict(preflight(config("train.mixed_precision=fp16")))
+    if torch.cuda.is_available():
+        assert "train.mixed_precision" not in problems
+    else:  # accelerate would silently run fp16 as fp32 on CPU
+        assert "CUDA" in problems["train.mixed_precision"]
+    problems = dict(preflight(config("model.weight_dtype=bf16")))
+    assert "autocast" in problems["model.weight_dtype"]
+    assert preflight(config("model.weight_dtype=bf16", "train.mixed_precision=bf16")) == []
+
+
+def test_train_refuses_before_loading_anything(config, tmp_path):
+    from dittune.config.errors import ConfigError
+    from dittune.train.runner import run_train
+
+    cfg = config("data.bucket_step=40")
+    with pytest.raises(ConfigError, match=r"data\.bucket_step"):
+        run_train(cfg)
+    assert not (tmp_path / "run").exists()
