@@ -160,8 +160,7 @@ def ours_step(trainer: Any) -> Callable[[], None]:
         started = time.perf_counter()
         loss, logs, samples = trainer.optimizer_step()
         trainer.step += 1
-        elapsed = time.perf_counter() - started
-        trainer.metrics.log(trainer.step, trainer._metrics(loss, logs, samples, elapsed))
+        trainer.log_step(loss, logs, samples, started)
 
     return step
 

@@ -43,12 +43,24 @@ def _metrics(output_dir: Path) -> list[dict]:
         ("v1.1", "full", {}),
     ],
 )
-def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method, train_extra):
+def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method, train_extra, capsys):
     out = tmp_path / "run"
     cfg = write_config(
         tmp_path / "cfg.toml", tiny_models[variant], dataset, out, VALIDATION, method=method, **train_extra
     )
     assert main(["train", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    version = "v1.0/v1.1" if variant == "v1.1" else "v1.2"
+    for expected in (
+        f"Hunyuan-DiT {version}",
+        "8 images in 2 bucket(s)",
+        "latents: 0 cached, 8 encoded",
+        "trainable of",
+        f"Training   {method}",
+        "Buckets: 2",
+    ):
+        assert expected in printed, expected
+    assert printed.index("Buckets: 2") < printed.index("Model      Hunyuan-DiT")  # report comes before training
 
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]

@@ -26,7 +26,8 @@ def run_sample(
 ) -> Path:
     """Generate with the family's stock pipeline (CPU generator seeded with `seed`) and save a PNG."""
     spec = spec_class(family or detect_family(model))(model)
-    spec.inspect()
+    for warning in spec.inspect().warnings:
+        print(f"warning: {warning}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = spec.load_pipeline(torch.float32).to(device)
     if lora is not None:

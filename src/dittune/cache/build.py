@@ -155,18 +155,17 @@ def ensure_latents(
     for index, key in enumerate(keys):
         if key is not None and not store.contains(LATENT, key):
             todo[jobs[index].group].append(index)
-    stats.misses = sum(len(v) for v in todo.values())
-    stats.hits = sum(key is not None for key in keys) - stats.misses
+    missing = sum(len(v) for v in todo.values())
+    stats.hits = sum(key is not None for key in keys) - missing
     if todo:
         vae = get_vae()
-        bar = tqdm(total=stats.misses, desc="Encoding latents", unit="img", disable=not progress)
+        bar = tqdm(total=missing, desc="Encoding latents", unit="img", disable=not progress)
         for indices in todo.values():
             for first in range(0, len(indices), batch_size):
                 chunk = indices[first : first + batch_size]
                 _encode_chunk(spec, store, vae, jobs, keys, chunk, stats, load_errors, compute_dtype, storage_dtype)
-                bar.update(len(indices[first : first + batch_size]))
+                bar.update(len(chunk))
         bar.close()
-    stats.misses -= sum(1 for index_list in todo.values() for i in index_list if keys[i] is None)
     stats.seconds = time.perf_counter() - start
     return keys, stats
 
@@ -196,6 +195,7 @@ def _encode_chunk(
     for (index, _), moments in zip(loaded, spec.encode_pixels(vae, pixels)):
         fields = {"source": str(jobs[index].source), "geometry": jobs[index].geometry, "compute": compute_dtype}
         store.save(LATENT, keys[index], _stored(moments, DTYPES[storage_dtype]), fields)  # type: ignore[arg-type]
+        stats.misses += 1
 
 
 def release_memory() -> None:

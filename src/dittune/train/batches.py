@@ -12,6 +12,11 @@ from dittune.models.base import SampleMeta, TextEncoderSlot, TrainBatch
 from dittune.train.prepare import EMPTY_PROMPT, PreparedData
 
 
+def dropout_by_encoder(default: float, per_encoder: Mapping[str, float], slots: Sequence[TextEncoderSlot]) -> dict:
+    """Caption-dropout probability of each text encoder: its own setting, else the common one."""
+    return {slot.name: float(per_encoder.get(slot.name, default)) for slot in slots}
+
+
 class CachedBatches:
     """Collates `(sample index, flipped)` items of one bucket into a `TrainBatch` on `device`."""
 
@@ -28,9 +33,10 @@ class CachedBatches:
         self.slots = list(slots)
         self.dropout = {slot.name: float(dropout.get(slot.name, 0.0)) for slot in self.slots}
         self.device = device
-        self.empty = self._load(TEXT, prepared.text_keys[EMPTY_PROMPT])
+        self.empty = self.load(TEXT, prepared.text_keys[EMPTY_PROMPT])
 
-    def _load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+    def load(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        """A cache entry that prepare_data guaranteed; a clear error if it disappeared since."""
         entry = self.store.load(kind, key)
         if entry is None:
             raise RuntimeError(f"cache entry {kind}/{key} vanished during training; run `dittune cache` again")
@@ -44,8 +50,8 @@ class CachedBatches:
         meta: list[SampleMeta] = []
         for index, flipped in items:
             sample = samples[index]
-            moments.append(self._load(LATENT, self.prepared.latent_keys[(sample.key, flipped)]))
-            text = dict(self._load(TEXT, self.prepared.text_keys[sample.record.caption]))
+            moments.append(self.load(LATENT, self.prepared.latent_keys[(sample.key, flipped)]))
+            text = dict(self.load(TEXT, self.prepared.text_keys[sample.record.caption]))
             for slot in self.slots:
                 if torch.rand((), generator=generator).item() < self.dropout[slot.name]:
                     text.update({key: self.empty[key] for key in slot.keys})

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 
 from dittune.cache.build import (
+    DTYPES,
     CacheStats,
     LatentJob,
     ensure_latents,
@@ -123,12 +124,8 @@ def prepare_data(
     )
     failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
     if failed_keys:
-        reasons = {
-            sample.key: reason
-            for sample in plan.samples
-            for path, reason in latent_stats.failed
-            if path == sample.record.path
-        }
+        reason_by_path = dict(latent_stats.failed)
+        reasons = {s.key: reason_by_path[s.record.path] for s in plan.samples if s.record.path in reason_by_path}
         plan = remove_samples(plan, failed_keys, reasons)
         announce(f"{len(failed_keys)} image(s) failed to decode and were left out:")
         for path, reason in latent_stats.failed:
@@ -156,3 +153,30 @@ def prepare_data(
         report=bucket_report(cfg, plan),
         stats={"latents": latent_stats, "text": text_stats},
     )
+
+
+def fill_caches(
+    cfg: DittuneConfig,
+    spec: ModelSpec,
+    *,
+    device: torch.device,
+    compute_dtype: str,
+    keep_vae: bool,
+    progress: bool = True,
+    announce: Callable[[str], None] = print,
+) -> tuple[PreparedData, torch.nn.Module | None]:
+    """`prepare_data` with the VAE loaded only if needed; returns it (moved to CPU) when `keep_vae`."""
+    holder: dict[str, torch.nn.Module] = {}
+
+    def get_vae() -> torch.nn.Module:
+        if "vae" not in holder:
+            holder["vae"] = spec.load_vae(device, DTYPES[compute_dtype])
+        return holder["vae"]
+
+    prepared = prepare_data(
+        cfg, spec, device=device, compute_dtype=compute_dtype, get_vae=get_vae, progress=progress, announce=announce
+    )
+    vae = get_vae().to("cpu") if keep_vae else None
+    holder.clear()
+    release_memory()
+    return prepared, vae

@@ -95,8 +95,7 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     """Build or refresh the caches only; returns the `PreparedData`."""
     import torch
 
-    from dittune.cache.build import DTYPES, release_memory
-    from dittune.train.prepare import prepare_data
+    from dittune.train.prepare import fill_caches
     from dittune.train.setup import load_spec, weight_dtype_name
 
     check(cfg)
@@ -104,16 +103,9 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     for warning in info.warnings:
         print(f"warning: {warning}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = weight_dtype_name(cfg)
-    holder: dict[str, torch.nn.Module] = {}
-
-    def get_vae() -> torch.nn.Module:
-        holder.setdefault("vae", spec.load_vae(device, DTYPES[dtype]))
-        return holder["vae"]
-
-    prepared = prepare_data(cfg, spec, device=device, compute_dtype=dtype, get_vae=get_vae, progress=progress)
-    holder.clear()
-    release_memory()
+    prepared, _ = fill_caches(
+        cfg, spec, device=device, compute_dtype=weight_dtype_name(cfg), keep_vae=False, progress=progress
+    )
     print(prepared.stats["latents"].line("latents"))
     print(prepared.stats["text"].line("text"))
     print(f"cache: {cfg.cache_dir}")

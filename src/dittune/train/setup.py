@@ -18,7 +18,7 @@ from dittune.models.base import LossSettings, ModelInfo, ModelSpec
 from dittune.models.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from dittune.models.registry import spec_class
 from dittune.train.optim import build_lr_scheduler, build_optimizer
-from dittune.train.prepare import PreparedData, prepare_data
+from dittune.train.prepare import PreparedData, fill_caches
 
 log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
@@ -110,20 +110,15 @@ def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, an
         announce(f"warning: {warning}")
     device = accelerator.device
     dtype_name = weight_dtype_name(cfg)
-    holder: dict[str, torch.nn.Module] = {}
-
-    def get_vae() -> torch.nn.Module:
-        if "vae" not in holder:
-            holder["vae"] = spec.load_vae(device, DTYPES[dtype_name])
-        return holder["vae"]
-
-    prepared = prepare_data(
-        cfg, spec, device=device, compute_dtype=dtype_name, get_vae=get_vae, progress=progress, announce=announce
+    prepared, vae = fill_caches(
+        cfg,
+        spec,
+        device=device,
+        compute_dtype=dtype_name,
+        keep_vae=bool(cfg.validation.prompts),
+        progress=progress,
+        announce=announce,
     )
-    vae = None
-    if cfg.validation.prompts:
-        vae = get_vae().to("cpu")
-    holder.clear()
 
     torch.manual_seed(cfg.train.seed)
     if cfg.train.method == "full":

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from dittune.cache.build import TEXT
 from dittune.export.full import save_full_pipeline
 from dittune.export.lora_file import LoraInfo, save_lora
+from dittune.models.base import TextEmbedding
 from dittune.models.lora import lora_state_dict
-from dittune.train.batches import CachedBatches
+from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
 from dittune.train.metrics import MetricsLog, peak_memory_mb
 from dittune.train.prepare import validation_size
@@ -40,19 +41,14 @@ class Trainer:
         self.step = start_step
         self.progress = progress
         cfg = run.cfg
-        self.batches = CachedBatches(
-            run.store,
-            run.prepared,
-            run.spec.text_encoders,
-            {
-                slot.name: cfg.train.caption_dropout_per_encoder.get(slot.name, cfg.train.caption_dropout)
-                for slot in run.spec.text_encoders
-            },
-            run.accelerator.device,
+        dropout = dropout_by_encoder(
+            cfg.train.caption_dropout, cfg.train.caption_dropout_per_encoder, run.spec.text_encoders
         )
+        self.batches = CachedBatches(run.store, run.prepared, run.spec.text_encoders, dropout, run.accelerator.device)
         self.metrics = MetricsLog(cfg.output_dir, run.accelerator, start_step)
         self.validation_errors: list[str] = []
         self._pipeline: Any = None
+        self._validation_text: tuple[list[TextEmbedding], TextEmbedding] | None = None
 
     # --------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -66,11 +62,9 @@ class Trainer:
             started = time.perf_counter()
             loss, logs, samples = self.optimizer_step()
             self.step += 1
-            elapsed = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             if self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps:
-                self.metrics.log(self.step, self._metrics(loss, logs, samples, elapsed))
+                bar.set_postfix(loss=f"{self.log_step(loss, logs, samples, started):.4f}")
             if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
                 self.checkpoint()
             every = cfg.validation.every_steps
@@ -83,11 +77,12 @@ class Trainer:
         run.accelerator.end_training()
         return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
 
-    def optimizer_step(self) -> tuple[float, dict[str, float], int]:
+    def optimizer_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], int]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; loss and grad norm stay tensors."""
         run, cfg = self.run, self.run.cfg
         accumulation = cfg.train.gradient_accumulation_steps
         total = torch.zeros((), device=run.accelerator.device)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor | float] = {}
         samples = 0
         for micro in range(accumulation):
             _, items = run.sampler.next_batch()
@@ -102,11 +97,24 @@ class Trainer:
             for key, value in out.logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accumulation
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-        logs["grad_norm"] = float(run.accelerator.clip_grad_norm_(run.trainable, max_norm))
+        logs["grad_norm"] = run.accelerator.clip_grad_norm_(run.trainable, max_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        return float(total), logs, samples
+        return total, logs, samples
+
+    def log_step(
+        self, loss: torch.Tensor, logs: dict[str, torch.Tensor | float], samples: int, started: float
+    ) -> float:
+        """Write the metrics of the step just taken; returns its loss.
+
+        Tensors become numbers only here, so steps that are not logged never wait for the device.
+        """
+        values = {key: float(value) for key, value in logs.items()}
+        loss_value = float(loss)
+        elapsed = time.perf_counter() - started
+        self.metrics.log(self.step, self._metrics(loss_value, values, samples, elapsed))
+        return loss_value
 
     def _metrics(self, loss: float, logs: dict[str, float], samples: int, elapsed: float) -> dict[str, Any]:
         run = self.run
@@ -135,12 +143,18 @@ class Trainer:
         denoiser = run.accelerator.unwrap_model(run.denoiser)
         if self._pipeline is None:
             self._pipeline = run.spec.build_pipeline(denoiser, run.vae, run.spec.load_scheduler())
+        if self._validation_text is None:
+            keys = run.prepared.text_keys
+            self._validation_text = (
+                [self.batches.load(TEXT, keys[p]) for p in cfg.validation.prompts],
+                self.batches.load(TEXT, keys[cfg.validation.negative_prompt]),
+            )
+        positive, negative = self._validation_text
         width, height = validation_size(cfg, run.spec.alignment)
-        keys = run.prepared.text_keys
         request = ValidationRequest(
             prompts=cfg.validation.prompts,
-            positive=[run.store.load(TEXT, keys[p]) for p in cfg.validation.prompts],
-            negative=run.store.load(TEXT, keys[cfg.validation.negative_prompt]),
+            positive=positive,
+            negative=negative,
             width=width,
             height=height,
             steps=cfg.validation.steps,

@@ -204,7 +204,7 @@ class HunyuanDiTSpec(ModelSpec):
         generator: torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
-        from dittune.models.diffusion_objective import learned_sigma_v_loss
+        from dittune.models.diffusion_objective import add_noise, learned_sigma_v_loss
 
         tables = self._tables(scheduler)
         x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
@@ -215,8 +215,6 @@ class HunyuanDiTSpec(ModelSpec):
         if settings.noise_offset:
             offset = torch.randn((size, x0.shape[1], 1, 1), generator=generator, device=device, dtype=x0.dtype)
             noise = noise + settings.noise_offset * offset
-        from dittune.models.diffusion_objective import add_noise
-
         x_t = add_noise(tables, x0, noise, t)
         output = self.forward(denoiser, x_t, t, batch)
         loss, logs = learned_sigma_v_loss(
