@@ -87,3 +87,23 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main([str(tmp_path / "cli"), "--count", "3", "--seed", "5", "--sizes", "48x32"]) == 0
     assert "3 images" in capsys.readouterr().out
     assert _files(tmp_path / "cli") == _files(make_shapes_dataset(tmp_path / "api", 3, seed=5, sizes=((48, 32),)))
+
+
+def test_bilingual_alternates_languages_and_exclude_holds_out(tmp_path: Path) -> None:
+    held = [("red", "circle", "blue"), ("green", "square", "white")]
+    out = make_shapes_dataset(
+        tmp_path / "data", 120, seed=2, shapes=("circle", "square"), colours=("red", "green", "blue", "white"),
+        bilingual=True, exclude=held,
+    )  # fmt: skip
+    seen = set()
+    for index, txt in enumerate(sorted(out.glob("*.txt"))):
+        text = txt.read_text(encoding="utf-8")
+        chinese = bool(re.search(r"[\u4e00-\u9fff]", text))
+        assert chinese == (index % 2 == 1), text
+        if not chinese:
+            seen.add(CAPTION.match(text).groups())
+    assert not seen & set(held)
+    assert len(seen) > 10  # everything else still appears
+    with pytest.raises(ValueError, match="excluded"):
+        make_shapes_dataset(tmp_path / "none", 1, shapes=("circle",), colours=("red", "blue"),
+                            exclude=[("red", "circle", "blue"), ("blue", "circle", "red")])  # fmt: skip

@@ -67,6 +67,8 @@ def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method,
     for key in ("loss", "lr", "grad_norm", "step_time", "samples_per_s", "peak_memory_mb"):
         assert all(np.isfinite(m[key]) for m in metrics), key
     vlb = [m["loss_vlb"] for m in metrics]
+    with Image.open(out / "loss.png") as plot:
+        assert plot.size[0] > 400
     assert all(v > 0 for v in vlb) if method == "full" else all(v == 0 for v in vlb)
 
     for step in (0, 2, 4):

@@ -17,7 +17,7 @@ import argparse
 import io
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -117,25 +117,41 @@ def make_shapes_dataset(
     shapes: Sequence[str] = DEFAULT_SHAPES,
     colours: Sequence[str] = DEFAULT_COLOURS,
     chinese: bool = False,
+    bilingual: bool = False,
+    exclude: Collection[tuple[str, str, str]] = (),
 ) -> Path:
     """Write `count` captioned images to `out_dir` (created if needed) and return it.
 
     Image i has size `sizes[i % len(sizes)]`; its shape, colours, scale and position are drawn from
-    `random.Random(seed)`. Other files in `out_dir` are left alone.
+    `random.Random(seed)`. `bilingual` captions odd-numbered images in Chinese, even ones in English;
+    `exclude` lists (fill, shape, background) combinations never drawn (held out for evaluation).
+    Other files in `out_dir` are left alone.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     _check(sizes, shapes, colours)
+    excluded = set(exclude)
+    palette = list(dict.fromkeys(colours))
+    allowed = [
+        (fill, shape, background)
+        for fill in palette
+        for shape in shapes
+        for background in palette
+        if fill != background and (fill, shape, background) not in excluded
+    ]
+    if not allowed:
+        raise ValueError("every (fill, shape, background) combination is excluded")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    palette = list(dict.fromkeys(colours))
     width_digits = max(5, len(str(count - 1)))
     for index in range(count):
         width, height = sizes[index % len(sizes)]
         shape = rng.choice(list(shapes))
         fill = rng.choice(palette)
         background = rng.choice([c for c in palette if c != fill])
+        while (fill, shape, background) in excluded:
+            fill, shape, background = rng.choice(allowed)
         limit = min(width, height) / 2 - _MARGIN
         radius = limit * rng.uniform(0.55, 0.95)
         cx = rng.uniform(_MARGIN + radius, width - _MARGIN - radius)
@@ -147,7 +163,10 @@ def make_shapes_dataset(
         image.save(buffer, format="PNG")
         stem = f"{index:0{width_digits}d}"
         _write_if_changed(out / f"{stem}.png", buffer.getvalue())
-        _write_if_changed(out / f"{stem}.txt", caption(fill, shape, background, chinese).encode("utf-8"))
+        _write_if_changed(
+            out / f"{stem}.txt",
+            caption(fill, shape, background, chinese or (bilingual and index % 2 == 1)).encode("utf-8"),
+        )
     return out
 
 
@@ -164,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     parser.add_argument("--count", type=int, default=24, metavar="N", help="number of images (default 24)")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
-    parser.add_argument("--chinese", action="store_true", help="Chinese captions instead of English")
+    language = parser.add_mutually_exclusive_group()
+    language.add_argument("--chinese", action="store_true", help="Chinese captions instead of English")
+    language.add_argument("--bilingual", action="store_true", help="alternate English and Chinese captions")
     parser.add_argument(
         "--sizes", type=_size, nargs="+", default=list(DEFAULT_SIZES), metavar="WxH", help="image sizes, cycled"
     )
@@ -173,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = make_shapes_dataset(
-            args.out_dir, args.count, args.seed, args.sizes, args.shapes, args.colours, chinese=args.chinese
-        )
+            args.out_dir, args.count, args.seed, args.sizes, args.shapes, args.colours,
+            chinese=args.chinese, bilingual=args.bilingual,
+        )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
     print(f"{args.count} images with captions in {out}")

@@ -21,6 +21,7 @@ from dittune.models.lora import lora_state_dict
 from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
 from dittune.train.metrics import MetricsLog, peak_memory_mb
+from dittune.train.plot import plot_loss
 from dittune.train.prepare import validation_size
 from dittune.train.setup import Run
 from dittune.validate.runner import ValidationRequest, ValidationResult, run_validation
@@ -73,6 +74,7 @@ class Trainer:
         bar.close()
         if cfg.validation.prompts:
             self.validate()
+        self.plot_loss()
         final = self.export()
         run.accelerator.end_training()
         return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
@@ -173,6 +175,16 @@ class Trainer:
         if result.grid is not None:
             self._log_grid(result.grid)
         return result
+
+    def plot_loss(self) -> Path | None:
+        """OUTPUT_DIR/loss.png from metrics.jsonl (main process; a failure is reported, never raised)."""
+        if not self.run.accelerator.is_main_process or not self.metrics.path.is_file():
+            return None
+        try:
+            return plot_loss(self.metrics.path, self.run.cfg.output_dir / "loss.png")
+        except (OSError, ValueError) as error:
+            print(f"warning: could not draw the loss plot: {error}")
+            return None
 
     def _log_grid(self, grid: Path) -> None:
         import numpy as np

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,8 +39,23 @@ def tiny_transformer_config(variant: str) -> dict:
     }
 
 
-def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int = 0) -> Path:
-    """Write the pipeline folder and return its path. Deterministic for a given variant and seed."""
+def build_tiny_hunyuan_dit(
+    out_dir: str | Path,
+    variant: str = "v1.2",
+    seed: int = 0,
+    *,
+    transformer_overrides: dict[str, Any] | None = None,
+    text_hidden: int = 32,
+    vae: Any = None,
+    readme: str | None = None,
+) -> Path:
+    """Write the pipeline folder and return its path. Deterministic for given arguments.
+
+    `transformer_overrides` changes entries of the tiny transformer config; `text_hidden` is the
+    width of both text encoders (keep it equal to the transformer's cross-attention dims); `vae`
+    replaces the random 4-block AutoencoderKL (e.g. one trained on the data); `readme` replaces the
+    default model card.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
     from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -60,10 +76,10 @@ def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int
     text_encoder = BertModel(
         BertConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
+            hidden_size=text_hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=37,
+            intermediate_size=text_hidden + 5,
             max_position_embeddings=512,
             type_vocab_size=2,
             pad_token_id=0,
@@ -73,9 +89,9 @@ def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
+            d_model=text_hidden,
+            d_kv=text_hidden // 4,
+            d_ff=text_hidden + 5,
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
@@ -85,18 +101,22 @@ def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int
             decoder_start_token_id=0,
         )
     )
-    transformer = HunyuanDiT2DModel(**tiny_transformer_config(variant))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=128,
-        scaling_factor=0.13025,
+    transformer = HunyuanDiT2DModel(**{**tiny_transformer_config(variant), **(transformer_overrides or {})})
+    vae = (
+        vae
+        if vae is not None
+        else AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=128,
+            scaling_factor=0.13025,
+        )
     )
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear",
@@ -123,7 +143,8 @@ def build_tiny_hunyuan_dit(out_dir: str | Path, variant: str = "v1.2", seed: int
     )
     pipeline.save_pretrained(staging, safe_serialization=True)
     (staging / "README.md").write_text(
-        f"# Tiny Hunyuan-DiT ({variant}-style), random weights\n\n"
+        readme
+        or f"# Tiny Hunyuan-DiT ({variant}-style), random weights\n\n"
         f"Built offline by `dittune tiny hunyuan-dit OUT --variant {variant} --seed {seed}`.\n"
         "Real architecture classes at tiny sizes; for tests and trying dittune, not for images.\n",
         encoding="utf-8",

@@ -1,0 +1,63 @@
+"""The quickstart LoRA teaches the base a word it has never seen, deterministically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dittune.demo.quickstart import (
+    DEFAULT_IMAGES,
+    DEFAULT_STEPS,
+    REPO_BASE,
+    concept_eval_combinations,
+    run_quickstart,
+    validation_prompts,
+)
+
+
+def test_concept_prompts_are_held_out_and_bilingual() -> None:
+    rings = concept_eval_combinations()
+    assert len({fill for fill, _, _ in rings}) == len(rings) == 8
+    prompts = validation_prompts()
+    assert sum("ring" in p for p in prompts) == 2 and sum("圆环" in p for p in prompts) == 2
+
+
+@pytest.mark.slow
+def test_quickstart_lora_learns_the_new_word(tmp_path: Path) -> None:
+    summary = run_quickstart(tmp_path / "qs", REPO_BASE, DEFAULT_STEPS, 0, DEFAULT_IMAGES)
+    base, lora = summary["base"], summary["lora"]
+    assert lora["hollow_rate"] >= 0.6, summary
+    assert lora["hollow_rate"] >= base["hollow_rate"] + 0.4, summary
+    assert lora["colour_accuracy"] >= 0.7, summary
+
+    out = tmp_path / "qs"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    for image in ("before_after.png", "eval_base.png", "eval_lora.png", "run/loss.png"):
+        with Image.open(out / image) as opened:
+            assert opened.width > 200, image
+    grids = sorted((out / "run" / "validation").glob("step_*/grid.png"))
+    assert grids[0].parent.name == "step_00000000"
+    assert grids[-1].parent.name == f"step_{DEFAULT_STEPS:08d}"
+    assert list((out / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_quickstart_is_deterministic(tmp_path: Path) -> None:
+    from dittune.cli.main import main
+    from dittune.demo.quickstart import config_toml, make_concept_dataset
+
+    loras = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        make_concept_dataset(out / "data", 16, seed=0)
+        (out / "config.toml").write_text(config_toml(REPO_BASE, steps=6, seed=0), encoding="utf-8")
+        assert main(["train", str(out / "config.toml"), "--set", "validation.prompts=[]"]) == 0
+        loras.append(load_file(out / "run" / "final" / "lora.safetensors"))
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+    assert any(loras[0][k].abs().sum() > 0 for k in loras[0] if "lora_B" in k)
