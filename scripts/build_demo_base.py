@@ -152,8 +152,11 @@ Build time {build_minutes:.0f} min on {cpu}.
 | English prompts | {accuracy_en:.1%} |
 | Chinese prompts | {accuracy_zh:.1%} |
 
+Target for this model (dittune issue 3): at least 80 % overall, English and Chinese within 10
+points — **{verdict}**. Chance is 12.5 % (8 colours).
+
 Accuracy = the shape's dominant colour (median of the pixels differing from the border colour,
-nearest palette colour; `dittune.demo.measure`) equals the prompt's colour. `heldout_grid.png` shows
+nearest of the 8 colours; `dittune.demo.measure`) equals the prompt's colour. `heldout_grid.png` shows
 every evaluated image. `tests/test_demo_base.py` checks these numbers in CI.
 
 ## Files
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy_en": summary["colour_accuracy_en"],
             "accuracy_zh": summary["colour_accuracy_zh"],
         }
+        met = summary["colour_accuracy"] >= 0.8 and abs(facts["accuracy_en"] - facts["accuracy_zh"]) <= 0.1
+        facts["verdict"] = "met" if met else "not met yet"
         install(work, final, args.install.resolve(), facts)
     return 0
 

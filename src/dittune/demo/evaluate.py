@@ -102,7 +102,11 @@ def generate(
 
 
 def measure(images: Sequence[Image.Image], jobs: Sequence[Job]) -> list[Result]:
-    return [Result(job, read_shape(image, RGB)) for job, image in zip(jobs, images)]
+    """Read every image against the demo palette (`BASE_COLOURS`: the colours the models know)."""
+    from dittune.demo.base import BASE_COLOURS
+
+    palette = {name: RGB[name] for name in BASE_COLOURS}
+    return [Result(job, read_shape(image, palette)) for job, image in zip(jobs, images)]
 
 
 def summarise(results: Sequence[Result]) -> dict[str, float]:

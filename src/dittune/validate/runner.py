@@ -1,12 +1,14 @@
 """Validation images: the family's stock pipeline around the live model, fed from the text cache.
 
-Images go to OUTPUT_DIR/validation/step_NNNNNNNN/ as one PNG per prompt plus grid.png. A failing
-prompt is logged with its text and reported; it never stops training.
+Images go to OUTPUT_DIR/validation/step_NNNNNNNN/ as one PNG per prompt, grid.png and prompts.txt
+(one "NN<tab>prompt" line per image). A failing prompt is logged with its text and reported; it never
+stops training.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -15,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from dittune.models.base import ModelSpec, TextEmbedding
 
 log = logging.getLogger(__name__)
+
+CJK_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/System/Library/Fonts/PingFang.ttc",
+    "C:/Windows/Fonts/msyh.ttc",
+)
+"""Fonts tried for labels outside Latin script (DITTUNE_LABEL_FONT, a font file, is tried first)."""
 
 
 @dataclass
@@ -79,11 +91,28 @@ def run_validation(
         path = out_dir / f"{index:02d}-{slug(prompt)}.png"
         image.save(path)
         result.images.append(path)
-        images.append((prompt, image))
+        images.append((f"{index:02d} {prompt}", image))
+    (out_dir / "prompts.txt").write_text("".join(f"{i:02d}\t{p}\n" for i, p in enumerate(request.prompts)), "utf-8")
     if images:
         result.grid = out_dir / "grid.png"
         make_grid(images).save(result.grid)
     return result
+
+
+def _label_font(text: str) -> tuple[Any, str]:
+    """(font, label): the default font for Latin text; for other scripts a system font that has them,
+    else the label shortened to its leading number (the full prompt is in prompts.txt)."""
+    default = ImageFont.load_default()
+    if all(ord(ch) < 0x2E80 for ch in text):
+        return default, text
+    for candidate in (os.environ.get("DITTUNE_LABEL_FONT"), *CJK_FONTS):
+        if candidate and Path(candidate).is_file():
+            try:
+                return ImageFont.truetype(candidate, 11), text
+            except OSError:
+                continue
+    head = text.split(" ", 1)[0]
+    return default, (f"{head} (see prompts.txt)" if head.isdigit() else "(see prompts.txt)")
 
 
 def make_grid(images: Sequence[tuple[str, Image.Image]], columns: int = 4, min_tile: int = 256) -> Image.Image:
@@ -100,5 +129,6 @@ def make_grid(images: Sequence[tuple[str, Image.Image]], columns: int = 4, min_t
     for i, (prompt, image) in enumerate(images):
         x, y = (i % columns) * width, (i // columns) * (height + label)
         grid.paste(image.convert("RGB"), (x, y))
-        draw.text((x + 2, y + height + 1), prompt[: max(4, width // 6)], fill="black")
+        font, text = _label_font(prompt[: max(4, width // 6)])
+        draw.text((x + 2, y + height + 1), text, fill="black", font=font)
     return grid
