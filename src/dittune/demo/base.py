@@ -65,20 +65,10 @@ def held_out_combinations(seed: int = 0, per_colour: int = 2) -> list[tuple[str,
 # ---------------------------------------------------------------------------------------- VAE
 def tiny_vae(seed: int = 0):
     """The demo's AutoencoderKL: 4 blocks (×8), 4 latent channels, random weights."""
-    from diffusers import AutoencoderKL
+    from dittune.models.hunyuan_dit import tiny
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=VAE_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=128,
-    )
+    return tiny.tiny_vae(VAE_CHANNELS, norm_groups=16, scaling_factor=0.18215)
 
 
 def _load_images(folder: Path) -> list[np.ndarray]:

@@ -39,6 +39,24 @@ def tiny_transformer_config(variant: str) -> dict:
     }
 
 
+def tiny_vae(channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32, scaling_factor: float = 0.13025):
+    """A 4-block AutoencoderKL (×8, 4 latent channels) with random weights from the global RNG."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=norm_groups,
+        sample_size=128,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_tiny_hunyuan_dit(
     out_dir: str | Path,
     variant: str = "v1.2",
@@ -56,7 +74,7 @@ def build_tiny_hunyuan_dit(
     replaces the random 4-block AutoencoderKL (e.g. one trained on the data); `readme` replaces the
     default model card.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
     from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     if variant not in BETA_END:
@@ -102,22 +120,7 @@ def build_tiny_hunyuan_dit(
         )
     )
     transformer = HunyuanDiT2DModel(**{**tiny_transformer_config(variant), **(transformer_overrides or {})})
-    vae = (
-        vae
-        if vae is not None
-        else AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=128,
-            scaling_factor=0.13025,
-        )
-    )
+    vae = vae if vae is not None else tiny_vae()
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
