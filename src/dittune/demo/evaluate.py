@@ -112,18 +112,20 @@ def measure(images: Sequence[Image.Image], jobs: Sequence[Job]) -> list[Result]:
 def summarise(results: Sequence[Result]) -> dict[str, float]:
     """Colour accuracy overall and per language, and the hollow rate (fractions of 1)."""
 
-    def rate(items: Sequence[Result], attribute: str) -> float:
-        values = [bool(getattr(r, attribute)) if attribute == "colour_correct" else r.reading.hollow for r in items]
-        return sum(values) / len(values) if values else float("nan")
+    def rate(items: Sequence[Result], predicate) -> float:
+        return sum(map(predicate, items)) / len(items) if items else float("nan")
+
+    def correct(result: Result) -> bool:
+        return result.colour_correct
 
     english = [r for r in results if not r.job.chinese]
     chinese = [r for r in results if r.job.chinese]
     return {
         "samples": len(results),
-        "colour_accuracy": rate(results, "colour_correct"),
-        "colour_accuracy_en": rate(english, "colour_correct"),
-        "colour_accuracy_zh": rate(chinese, "colour_correct"),
-        "hollow_rate": rate(results, "hollow"),
+        "colour_accuracy": rate(results, correct),
+        "colour_accuracy_en": rate(english, correct),
+        "colour_accuracy_zh": rate(chinese, correct),
+        "hollow_rate": rate(results, lambda result: result.reading.hollow),
     }
 
 

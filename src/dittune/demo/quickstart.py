@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,8 +156,6 @@ def run_quickstart(out_dir: Path, base: Path, steps: int, seed: int, images: int
     config.write_text(config_toml(Path(base).resolve(), steps, seed), encoding="utf-8")
     run = out_dir / "run"
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     code = dittune_main(["train", str(config)])
     if code:
