@@ -108,7 +108,7 @@ def evaluate(model: Path, out: Path) -> dict:
 
 MODEL_CARD = """# dittune demo base: a tiny Hunyuan-DiT-architecture model of coloured shapes
 
-A {size_mb:.1f} MB pipeline in diffusers layout (`HunyuanDiTPipeline`) that draws one flat-coloured
+A pipeline of {size_mb:.1f} MB in diffusers layout (`HunyuanDiTPipeline`) that draws one flat-coloured
 shape on a flat background, prompted in English or Chinese:
 "a red circle on a blue background" / "蓝色背景上的红色圆形". It exists so that the quickstart shows
 real learning on a CPU; it is not a general image model.
@@ -138,7 +138,7 @@ combinations were held out of the training data and are used to test prompt foll
 2. the VAE trained for {vae_steps} steps on 64×64 crops (L1 + 1e-6·KL, bf16 autocast): mean absolute
    reconstruction error {vae_error:.2f} / 255;
 3. the transformer trained with `dittune train WORK/base.toml` (the config is `base.toml` in this folder):
-   method "full", init "random", {steps} steps of batch 32, AdamW 6e-4 cosine, bf16 autocast, caption
+   method "full", init "random", {steps} steps of batch 32, AdamW {learning_rate} cosine, bf16 autocast, caption
    dropout 0.1, v-prediction + VLB loss; final loss {final_loss};
 4. this folder is `WORK/run/final` (the run's exported pipeline) plus this card.
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("work", type=Path, metavar="WORK_DIR")
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=5000, help="transformer training steps")
+    parser.add_argument("--steps", type=int, default=6000, help="transformer training steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", type=Path, help="copy the finished pipeline here (e.g. demo/base)")
     args = parser.parse_args(argv)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = [
             json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()
         ]
-        defaults = {"images": 4000, "vae_steps": 1200, "steps": 5000, "seed": 0}
+        defaults = {"images": 4000, "vae_steps": 1200, "steps": 6000, "seed": 0}
         given = {"images": args.images, "vae_steps": args.vae_steps, "steps": args.steps, "seed": args.seed}
         facts = {
             "transformer_params": sum(p.numel() for p in transformer.parameters()) / 1e6,
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "images": args.images,
             "seed": args.seed,
             "steps": args.steps,
+            "learning_rate": base.BASE_LEARNING_RATE,
             "final_loss": next((f"{m['loss']:.4f}" for m in reversed(losses) if "loss" in m), "n/a"),
             "shapes": ", ".join(base.BASE_SHAPES),
             "colours": ", ".join(base.BASE_COLOURS),

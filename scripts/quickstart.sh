@@ -8,7 +8,7 @@
 # 2. runs `python -m dittune.demo.quickstart OUT_DIR`, which
 #    - draws 64 rings with English/Chinese captions into OUT/data: "ring" (圆环) is a word the
 #      base model demo/base (a tiny Hunyuan-DiT trained on filled shapes) has never seen;
-#    - writes OUT/config.toml and runs `dittune train` on it: a LoRA, 300 steps, validation grids
+#    - writes OUT/config.toml and runs `dittune train` on it: a LoRA, 500 steps, validation grids
 #      before training, every 100 steps and at the end; caches in OUT/cache are reused by a re-run;
 #    - stacks the first and last grids into OUT/before_after.png (the run writes run/loss.png);
 #    - measures base and LoRA on held-out ring prompts and seeds (hollow shapes, colour accuracy);

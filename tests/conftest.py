@@ -39,6 +39,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {variant: build_tiny_hunyuan_dit(root / variant, variant, seed=0) for variant in ("v1.1", "v1.2")}
 
 
+FAMILIES = ("hunyuan-dit", "sd3", "pixart-sigma", "flux")
+"""Every family with a tiny builder; family-parametrised tests run over all of them."""
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """family → tiny pipeline folder (default variant; Hunyuan-DiT reuses the v1.2 model)."""
+    from dittune.models.registry import tiny_builder
+
+    root = tmp_path_factory.mktemp("family-models")
+    models = {"hunyuan-dit": tiny_models["v1.2"]}
+    for family in FAMILIES:
+        if family not in models:
+            models[family] = tiny_builder(family)(root / family, seed=0)
+    return models
+
+
 def make_dataset(
     root: Path,
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64)),
@@ -55,13 +72,15 @@ def make_dataset(
     return root
 
 
-def write_config(path: Path, model: Path, data: Path, output_dir: Path, extra: str = "", **train: object) -> Path:
+def write_config(
+    path: Path, model: Path, data: Path, output_dir: Path, extra: str = "", family: str = "hunyuan-dit", **train: object
+) -> Path:
     """A minimal TOML config; `train` entries go into [train], `extra` is appended verbatim."""
     settings = {"max_steps": 4, "batch_size": 2, "trackers": [], **train}
     train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
     path.write_text(
         f'output_dir = "{output_dir}"\n'
-        f'[model]\nfamily = "hunyuan-dit"\npath = "{model}"\n'
+        f'[model]\nfamily = "{family}"\npath = "{model}"\n'
         f'[data]\npath = "{data}"\nresolution = 64\nresolution_type = "pixel"\n'
         f"[train]\n{train_lines}\n{extra}\n"
     )

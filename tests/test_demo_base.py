@@ -57,24 +57,18 @@ def held_out_summary() -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_base_follows_colour_prompts_well_above_chance(held_out_summary) -> None:
-    """What the committed base does today (chance is 1/8): a floor that catches any regression."""
+def test_base_meets_the_issue_target(held_out_summary) -> None:
+    """Issue 3: ≥ 80 % colour accuracy on held-out prompts and seeds; English and Chinese within 10 points."""
     summary = held_out_summary
     assert summary["samples"] == 96
-    assert summary["colour_accuracy"] >= 0.45, summary
-    assert summary["colour_accuracy_en"] >= 0.55, summary
-    assert summary["colour_accuracy_zh"] >= 0.30, summary
-    recorded = json.loads((BASE / "build.json").read_text())
-    assert abs(summary["colour_accuracy"] - recorded["accuracy"]) <= 0.1, (summary, recorded)
+    assert summary["colour_accuracy"] >= 0.80, summary
+    assert abs(summary["colour_accuracy_en"] - summary["colour_accuracy_zh"]) <= 0.10, summary
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 target not met yet: the committed base scores 53 % (English 69 %, Chinese 38 %); "
-    "see docs/demo.md. Strict: passing means the base improved and this marker must go.",
-)
-def test_base_meets_the_issue_target(held_out_summary) -> None:
-    summary = held_out_summary
-    assert summary["colour_accuracy"] >= 0.80, summary
-    assert abs(summary["colour_accuracy_en"] - summary["colour_accuracy_zh"]) <= 0.10, summary
+def test_base_scores_what_its_card_records(held_out_summary) -> None:
+    """The card's numbers are reproducible (a few flipped images allowed across CPUs and thread counts)."""
+    recorded = json.loads((BASE / "build.json").read_text())
+    assert recorded["verdict"] == "met"
+    for key, field in (("colour_accuracy", "accuracy"), ("colour_accuracy_en", "accuracy_en")):
+        assert abs(held_out_summary[key] - recorded[field]) <= 0.05, (held_out_summary, recorded)

@@ -17,6 +17,10 @@ PATH_KEYS = {"model.path", "data.path"}
 def test_examples_exist() -> None:
     names = {p.name for p in EXAMPLES}
     assert {"hunyuan-dit-lora.toml", "hunyuan-dit-full.toml"} <= names
+    from dittune.models.registry import family_names
+
+    for family in family_names():
+        assert any(load_config(p).model.family == family for p in EXAMPLES), f"no example for {family}"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

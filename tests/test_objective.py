@@ -282,3 +282,70 @@ def test_loss_values(tables: DDPMTables) -> None:
 
     with pytest.raises(ValueError):
         learned_sigma_v_loss(tables, out[:, :4], x0, x_t, noise, t, vlb=False, min_snr_gamma=None)
+
+
+# ---------------------------------------------------------------- epsilon prediction (PixArt)
+
+
+@pytest.fixture(scope="module")
+def linear_tables() -> tuple[DDPMTables, DDPMScheduler]:
+    """PixArt's training schedule: linear betas 1e-4 → 0.02, epsilon prediction."""
+    scheduler = DDPMScheduler(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=False
+    )
+    return DDPMTables.from_scheduler(scheduler), scheduler
+
+
+@pytest.mark.parametrize("step", [3, 500, 990])
+def test_true_eps_recovers_x0_like_the_scheduler(linear_tables, step: int) -> None:
+    from dittune.models.diffusion_objective import x0_from_eps
+
+    tables, scheduler = linear_tables
+    generator = torch.Generator().manual_seed(step)
+    x0 = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    eps = torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64)
+    t = torch.full((2,), step)
+    x_t = add_noise(tables, x0, eps, t)
+    torch.testing.assert_close(x0_from_eps(tables, x_t, eps, t), x0)
+    stock = scheduler.step(eps[:1].float(), step, x_t[:1].float()).pred_original_sample
+    torch.testing.assert_close(stock.double(), x0[:1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("step", [0, 40, 700])
+def test_vlb_agrees_between_eps_and_v_for_the_same_prediction(linear_tables, step: int) -> None:
+    """An eps prediction and the v prediction implying the same x̂0 give the same bound."""
+    tables, _ = linear_tables
+    generator = torch.Generator().manual_seed(7 + step)
+    x0 = torch.rand(2, 4, 5, 5, generator=generator, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(2, 4, 5, 5, generator=generator, dtype=torch.float64)
+    t = torch.full((2,), step)
+    x_t = add_noise(tables, x0, eps, t)
+    eps_hat = eps + 0.1 * torch.randn(2, 4, 5, 5, generator=generator, dtype=torch.float64)
+    acp = tables.alphas_cumprod[step]
+    x0_hat = (x_t - (1 - acp).sqrt() * eps_hat) / acp.sqrt()
+    v_hat = acp.sqrt() * eps_hat - (1 - acp).sqrt() * x0_hat
+    var_values = torch.rand(2, 4, 5, 5, generator=generator, dtype=torch.float64) * 2 - 1
+    from_eps = vlb_bits(tables, x0, x_t, t, eps_hat, var_values, "epsilon")
+    from_v = vlb_bits(tables, x0, x_t, t, v_hat, var_values, "v_prediction")
+    torch.testing.assert_close(from_eps, from_v)
+
+
+def test_eps_loss_is_zero_mse_for_the_true_noise_and_trains_only_variance_through_vlb(linear_tables) -> None:
+    from dittune.models.diffusion_objective import learned_sigma_loss
+
+    tables, _ = linear_tables
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, 4, 4, 4, generator=generator)
+    eps = torch.randn(3, 4, 4, 4, generator=generator)
+    t = torch.tensor([5, 300, 900])
+    x_t = add_noise(tables, x0, eps, t)
+    output = torch.cat([eps, torch.zeros_like(eps)], dim=1).requires_grad_(True)
+    loss, logs = learned_sigma_loss(
+        tables, output, x0, x_t, eps, t, vlb=True, min_snr_gamma=None, prediction_type="epsilon"
+    )
+    assert logs["loss_mse"] == 0.0 and logs["loss_vlb"] > 0
+    loss.backward()
+    assert output.grad[:, :4].abs().max() == 0  # the mean half only learns from the MSE
+    assert output.grad[:, 4:].abs().max() > 0
+    with pytest.raises(ValueError, match="prediction_type"):
+        learned_sigma_loss(tables, output, x0, x_t, eps, t, vlb=False, min_snr_gamma=None, prediction_type="sample")

@@ -44,7 +44,6 @@ def test_family_alignment_and_encoder_names(config):
             config(
                 "data.bucket_step=40",
                 "train.caption_dropout_per_encoder={clip = 0.1, t5 = 0.2, llama = 0.3}",
-                "validation.width=100",
             )
         )
     )
@@ -53,7 +52,26 @@ def test_family_alignment_and_encoder_names(config):
         "'clip', 't5'" in problems["train.caption_dropout_per_encoder.llama"]
         or "clip" in problems["train.caption_dropout_per_encoder.llama"]
     )
-    assert "validation.width" in problems and "train.caption_dropout_per_encoder.clip" not in problems
+    assert "train.caption_dropout_per_encoder.clip" not in problems
+
+
+def test_validation_sizes_are_snapped_not_refused(config):
+    from dittune.train.prepare import validation_size
+
+    cfg = config("validation.width=100", "validation.height=70")
+    assert preflight(cfg) == []
+    assert validation_size(cfg, 16) == (96, 64)
+    assert validation_size(cfg, 64) == (128, 64)
+
+
+def test_loss_options_and_text_length_the_family_does_not_use(config):
+    problems = dict(
+        preflight(config('loss.timestep_sampling="logit_normal"', 'loss.weighting="cosmap"', "model.t5_max_length=300"))
+    )
+    assert "does not use this option" in problems["loss.timestep_sampling"]
+    assert "min_snr_gamma" in problems["loss.weighting"]  # lists the options Hunyuan-DiT does use
+    assert "fixed" in problems["model.t5_max_length"]
+    assert preflight(config("loss.vlb=true", "loss.min_snr_gamma=5.0")) == []
 
 
 def test_precision_combinations(config):

@@ -35,6 +35,14 @@ class ModelSection(Section):
             "Trainable parameters are always kept in fp32."
         ),
     )
+    t5_max_length: int | None = Field(
+        None,
+        description=(
+            "Tokens the T5 encoder keeps (captions are padded/truncated to it). Default: the family's "
+            "(SD3: 256, up to 512; PixArt-Sigma: 300; Flux.1: 512). Hunyuan-DiT's is fixed at 256."
+        ),
+        ge=1,
+    )
 
 
 class DataSection(Section):
@@ -145,7 +153,38 @@ class LossSection(Section):
     )
     noise_offset: float = Field(0.0, description="Offset noise strength (0 disables).", ge=0.0)
     min_snr_gamma: float | None = Field(
-        None, description="Min-SNR-γ loss weighting (prediction-type aware); unset disables.", gt=0
+        None, description="Min-SNR-γ loss weighting (DDPM families; prediction-type aware); unset disables.", gt=0
+    )
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "shift"] | None = Field(
+        None,
+        description=(
+            'How flow-matching families (SD3, Flux) draw the noise level σ per sample: "uniform"; '
+            '"logit_normal" (σ = sigmoid(N(logit_mean, logit_std))); "mode" (SD3 paper, mode_scale); '
+            '"shift" (uniform, then shifted by flow_shift like the inference schedule). '
+            'Default: the family\'s ("logit_normal" for SD3, "shift" for Flux).'
+        ),
+    )
+    logit_mean: float = Field(0.0, description='Mean of the normal behind "logit_normal" sampling.')
+    logit_std: float = Field(1.0, description='Standard deviation behind "logit_normal" sampling.', gt=0)
+    mode_scale: float = Field(1.29, description='Scale of "mode" sampling (0 = uniform).')
+    flow_shift: float | None = Field(
+        None,
+        description=(
+            'Shift s applied to drawn σ (s·σ / (1 + (s − 1)·σ)). Default: none, except for "shift" '
+            "sampling, which uses the family's (SD3: the scheduler's shift; Flux: from the image size)."
+        ),
+        gt=0,
+    )
+    guidance: float = Field(
+        1.0,
+        description=(
+            "Value given to a guidance-distilled model's guidance embedding while training (Flux.1-dev); "
+            "1.0 as most Flux trainers use."
+        ),
+        ge=0,
+    )
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description='Per-σ loss weight of flow-matching families: "none", "sigma_sqrt" (σ⁻²) or "cosmap".'
     )
 
 

@@ -35,9 +35,9 @@ NEW_CONCEPT = "ring"
 
 TRANSFORMER = {
     "num_layers": 6,
-    "num_attention_heads": 4,
+    "num_attention_heads": 6,
     "attention_head_dim": 32,
-    "hidden_size": 128,
+    "hidden_size": 192,
     "cross_attention_dim": 64,
     "cross_attention_dim_t5": 64,
     "pooled_projection_dim": 64,
@@ -45,6 +45,8 @@ TRANSFORMER = {
     "sample_size": 16,
 }
 """Overrides of the tiny transformer config (v1.2 style: no size/style conditioning)."""
+BASE_LEARNING_RATE = 5e-4
+"""AdamW learning rate of the base run (cosine decay after a short warm-up)."""
 TEXT_HIDDEN = 64
 VAE_CHANNELS = (32, 32, 32, 32)
 
@@ -202,7 +204,7 @@ method = "full"
 init = "random"
 max_steps = {steps}
 batch_size = 32
-learning_rate = 6e-4
+learning_rate = {BASE_LEARNING_RATE}
 lr_scheduler = "cosine"
 lr_warmup_steps = {min(200, steps // 10)}
 weight_decay = 0.0

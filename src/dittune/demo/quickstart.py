@@ -1,6 +1,6 @@
 """The quickstart: teach the demo base (`demo/base`) a shape word it has never seen with a LoRA.
 
-    python -m dittune.demo.quickstart OUT_DIR [--base demo/base] [--steps 300] [--seed 0]
+    python -m dittune.demo.quickstart OUT_DIR [--base demo/base] [--steps 500] [--seed 0]
 
 1. draws `--images` rings ("a red ring on a blue background" / "蓝色背景上的红色圆环"), leaving out
    the combinations of `concept_eval_combinations()`;
@@ -28,7 +28,7 @@ from dittune.demo.shapes import caption, make_shapes_dataset
 
 REPO_BASE = Path(__file__).resolve().parents[3] / "demo" / "base"
 """The committed base model, when running from a checkout."""
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 500
 DEFAULT_IMAGES = 64
 
 

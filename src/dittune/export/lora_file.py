@@ -3,7 +3,8 @@
 Keys: `<component>.<module path>.lora_A.weight` / `.lora_B.weight` (e.g.
 `transformer.blocks.0.attn1.to_q.lora_A.weight`). Metadata:
 - `dittune_lora`: JSON with format, family, component, rank, alpha, targets, base model, version;
-- `lora_adapter_metadata`: the peft LoraConfig fields diffusers reads (r, lora_alpha, target_modules).
+- `lora_adapter_metadata`: the peft LoraConfig fields diffusers' `load_lora_weights` reads, prefixed
+  with the component as diffusers writes them (`transformer.r`, `transformer.lora_alpha`, ...).
 Alpha is always stored, so tools never fall back to a wrong scale.
 """
 
@@ -42,7 +43,11 @@ def save_lora(path: Path, state: dict[str, torch.Tensor], info: LoraInfo) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{info.component}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-    peft_meta = {"r": info.rank, "lora_alpha": info.alpha, "target_modules": info.targets}
+    # diffusers' load_lora_weights reads these keys prefixed with the component ("transformer.r", ...)
+    peft_meta = {
+        f"{info.component}.{key}": value
+        for key, value in {"r": info.rank, "lora_alpha": info.alpha, "target_modules": info.targets}.items()
+    }
     metadata = {
         "format": "pt",
         "dittune_lora": json.dumps({"format": FORMAT, **asdict(info)}, sort_keys=True),

@@ -84,6 +84,16 @@ class LossSettings:
     min_snr_gamma: float | None = None
     sample_latents: bool = True
     """Draw latents from the cached posterior (True) or use its mean."""
+    timestep_sampling: str = "uniform"
+    """Flow-matching σ sampling: uniform, logit_normal, mode or shift (see models/flow_objective.py)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float | None = None
+    """Explicit shift of drawn σ; None: the family's default for "shift" sampling, else no shift."""
+    weighting: str = "none"
+    guidance: float = 1.0
+    """Guidance-embedding input of guidance-distilled models during training."""
 
 
 class ModelSpec(ABC):
@@ -108,8 +118,17 @@ class ModelSpec(ABC):
     pipeline_class: ClassVar[str]
     """The family's stock diffusers pipeline class name (as in model_index.json)."""
 
-    def __init__(self, path: str | Path) -> None:
+    loss_options: ClassVar[frozenset[str]] = frozenset()
+    """The `loss.*` config keys this family's objective uses; setting any other is a preflight error."""
+
+    t5_lengths: ClassVar[tuple[int, int] | None] = None
+    """(default, maximum) tokens of the T5 encoder where `model.t5_max_length` may change them; None: fixed."""
+
+    def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
         self.path = Path(path)
+        if t5_max_length is not None and self.t5_lengths is None:
+            raise ValueError(f"{self.display_name} has a fixed text length; model.t5_max_length cannot change it")
+        self.t5_max_length = t5_max_length or (self.t5_lengths[0] if self.t5_lengths else None)
 
     # ----------------------------------------------------------------- inspection
     @classmethod
@@ -149,6 +168,16 @@ class ModelSpec(ABC):
     @abstractmethod
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         """Everything about the VAE that changes latents (for cache keys)."""
+
+    @abstractmethod
+    def latents_from_moments(
+        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+    ) -> torch.Tensor:
+        """Batched cached moments → the denoiser's clean latents x0 (a posterior draw or its mean), float32."""
+
+    def pipeline_latents(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The stock pipeline's `output_type="latent"` result in the layout `latents_from_moments` returns."""
+        return latents
 
     # ------------------------------------------------------------------ denoiser
     @abstractmethod
@@ -198,6 +227,13 @@ class ModelSpec(ABC):
     @abstractmethod
     def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
         """Pipeline keyword arguments for a plain-text call (pipeline encodes the prompt itself)."""
+
+    def describe_objective(self, settings: LossSettings) -> str:
+        """One line for the start-up summary: the objective and the loss options in effect."""
+        return (
+            f"vlb {'on' if settings.vlb else 'off'}, noise offset {settings.noise_offset:g}, "
+            f"min-SNR {settings.min_snr_gamma or 'off'}"
+        )
 
     def denoiser_from_pipeline(self, pipeline: Any) -> nn.Module:
         return getattr(pipeline, self.denoiser_component)

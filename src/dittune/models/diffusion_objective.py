@@ -141,6 +141,22 @@ def x0_from_v(tables: DDPMTables, x_t: torch.Tensor, v: torch.Tensor, t: torch.T
     return _coef(tables, _sqrt_acp, t, x_t) * x_t - _coef(tables, _sqrt_one_minus_acp, t, x_t) * v
 
 
+def x0_from_eps(tables: DDPMTables, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Clean-sample estimate ``x0 = (x_t − sqrt(1−ᾱ_t)·eps) / sqrt(ᾱ_t)``."""
+    return (x_t - _coef(tables, _sqrt_one_minus_acp, t, x_t) * eps) / _coef(tables, _sqrt_acp, t, x_t)
+
+
+def x0_from_prediction(
+    tables: DDPMTables, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x0 from a ``"v_prediction"`` or ``"epsilon"`` model output."""
+    if prediction_type == "v_prediction":
+        return x0_from_v(tables, x_t, prediction, t)
+    if prediction_type == "epsilon":
+        return x0_from_eps(tables, x_t, prediction, t)
+    raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', not {prediction_type!r}")
+
+
 def eps_from_v(tables: DDPMTables, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Noise estimate ``eps = sqrt(1−ᾱ_t)·x_t + sqrt(ᾱ_t)·v``."""
     return _coef(tables, _sqrt_one_minus_acp, t, x_t) * x_t + _coef(tables, _sqrt_acp, t, x_t) * v
@@ -201,11 +217,13 @@ def vlb_bits(
     t: torch.Tensor,
     mean_v_detached: torch.Tensor,
     var_values: torch.Tensor,
+    prediction_type: str = "v_prediction",
 ) -> torch.Tensor:
     """Per-sample variational bound term in bits, shape (B,).
 
     The model mean is the posterior mean of q(x_{t−1} | x_t, x̂0) with x̂0 recovered from the
-    predicted v; the variance interpolates in log space between β̃_t (clipped) and β_t with
+    mean prediction (v or eps, per ``prediction_type``); the variance interpolates in log space
+    between β̃_t (clipped) and β_t with
     ``frac = (var_values + 1) / 2``. For t > 0 this is KL(q ‖ p_θ); for t == 0 it is the
     discretised-Gaussian decoder NLL of x0. Computed in at least float32. The caller decides
     whether ``mean_v_detached`` carries gradient (the official objective detaches it).
@@ -214,7 +232,7 @@ def vlb_bits(
     x0, x_t = x0.to(dtype), x_t.to(dtype)
     v, frac = mean_v_detached.to(dtype), (var_values.to(dtype) + 1.0) / 2.0
 
-    pred_x0 = x0_from_v(tables, x_t, v, t)
+    pred_x0 = x0_from_prediction(tables, x_t, v, t, prediction_type)
     min_log = _coef(tables, lambda g: g("posterior_log_variance_clipped"), t, x0, dtype)
     log_gap = _coef(tables, lambda g: g("log_betas") - g("posterior_log_variance_clipped"), t, x0, dtype)
     coef1 = _coef(tables, lambda g: g("posterior_mean_coef1"), t, x0, dtype)
@@ -265,11 +283,30 @@ def learned_sigma_v_loss(
     vlb: bool,
     min_snr_gamma: float | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The v-prediction + learned-range-variance objective; returns (scalar loss, logs).
+    """`learned_sigma_loss` for v-prediction (Hunyuan-DiT)."""
+    return learned_sigma_loss(
+        tables, model_output, x0, x_t, noise, t, vlb=vlb, min_snr_gamma=min_snr_gamma, prediction_type="v_prediction"
+    )
 
-    ``model_output`` has 2C channels: the first C are the v prediction, the last C the
-    variance values. The MSE (optionally min-SNR weighted) trains the mean; the VLB, when
-    enabled, sees the mean detached, so it only trains the variance channels.
+
+def learned_sigma_loss(
+    tables: DDPMTables,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    vlb: bool,
+    min_snr_gamma: float | None,
+    prediction_type: str,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean-prediction + learned-range-variance objective; returns (scalar loss, logs).
+
+    ``model_output`` has 2C channels: the first C are the mean prediction (v or eps, per
+    ``prediction_type``), the last C the variance values. The MSE (optionally min-SNR weighted)
+    trains the mean; the VLB, when enabled, sees the mean detached, so it only trains the variance
+    channels (as DiT, PixArt and Hunyuan-DiT train).
     """
     channels = x0.shape[1]
     if model_output.shape[1] != 2 * channels or model_output.shape[2:] != x0.shape[2:]:
@@ -277,15 +314,20 @@ def learned_sigma_v_loss(
             f"model_output {tuple(model_output.shape)} must have 2×{channels} channels and x0's spatial size"
         )
     dtype = torch.promote_types(model_output.dtype, torch.float32)
-    mean_v, var_values = model_output.to(dtype).split(channels, dim=1)
-    target = v_target(tables, x0.to(dtype), noise.to(dtype), t)
-    mse = _mean_flat((target - mean_v).square())
+    mean_prediction, var_values = model_output.to(dtype).split(channels, dim=1)
+    if prediction_type == "v_prediction":
+        target = v_target(tables, x0.to(dtype), noise.to(dtype), t)
+    elif prediction_type == "epsilon":
+        target = noise.to(dtype)
+    else:
+        raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', not {prediction_type!r}")
+    mse = _mean_flat((target - mean_prediction).square())
     if min_snr_gamma is not None:
-        mse = mse * min_snr_weight(tables, t, min_snr_gamma, "v_prediction").to(mse.device, dtype)
+        mse = mse * min_snr_weight(tables, t, min_snr_gamma, prediction_type).to(mse.device, dtype)
     per_sample = mse
     vlb_value = 0.0
     if vlb:
-        vb = vlb_bits(tables, x0, x_t, t, mean_v.detach(), var_values)
+        vb = vlb_bits(tables, x0, x_t, t, mean_prediction.detach(), var_values, prediction_type)
         per_sample = per_sample + vb
         vlb_value = vb.detach().mean().item()
     loss = per_sample.mean()

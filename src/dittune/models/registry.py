@@ -10,12 +10,18 @@ if TYPE_CHECKING:
 
 _FAMILIES: dict[str, str] = {
     "hunyuan-dit": "dittune.models.hunyuan_dit.spec:HunyuanDiTSpec",
+    "sd3": "dittune.models.sd3.spec:SD3Spec",
+    "pixart-sigma": "dittune.models.pixart_sigma.spec:PixArtSigmaSpec",
+    "flux": "dittune.models.flux.spec:FluxSpec",
 }
 
 
 _TINY_BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     # family → (builder "module:function", variants with the default first)
     "hunyuan-dit": ("dittune.models.hunyuan_dit.tiny:build_tiny_hunyuan_dit", ("v1.2", "v1.1")),
+    "sd3": ("dittune.models.sd3.tiny:build_tiny_sd3", ("sd3.5", "sd3", "sd3.5-medium")),
+    "pixart-sigma": ("dittune.models.pixart_sigma.tiny:build_tiny_pixart_sigma", ("sigma", "sigma-microconditions")),
+    "flux": ("dittune.models.flux.tiny:build_tiny_flux", ("dev", "schnell")),
 }
 
 

@@ -42,12 +42,21 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
                     f"{spec_cls.display_name} has no text encoder {name!r}; its encoders are {encoder_names}.",
                 )
             )
-    for key in ("width", "height"):
-        value = getattr(cfg.validation, key)
-        if value is not None and value % spec_cls.alignment:
-            problems.append(
-                (f"validation.{key}", f"{value} is not a multiple of {spec_cls.alignment} ({spec_cls.display_name}).")
+    length = cfg.model.t5_max_length
+    if length is not None and spec_cls.t5_lengths is None:
+        problems.append(("model.t5_max_length", f"{spec_cls.display_name}'s text length is fixed; remove the key."))
+    elif length is not None and length > spec_cls.t5_lengths[1]:
+        problems.append(
+            ("model.t5_max_length", f"{length} exceeds {spec_cls.display_name}'s maximum of {spec_cls.t5_lengths[1]}.")
+        )
+    for key in sorted(cfg.loss.model_fields_set - spec_cls.loss_options):
+        problems.append(
+            (
+                f"loss.{key}",
+                f"{spec_cls.display_name} training does not use this option; remove it "
+                f"(its loss options: {', '.join(sorted(spec_cls.loss_options)) or 'none'}).",
             )
+        )
     return problems + _generic_checks(cfg)
 
 

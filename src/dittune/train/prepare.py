@@ -19,7 +19,7 @@ from dittune.cache.build import (
 )
 from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
-from dittune.data.buckets import square_bucket
+from dittune.data.buckets import snap, square_bucket
 from dittune.data.discover import discover
 from dittune.data.report import DatasetPlan, format_bucket_report, plan_dataset, remove_samples
 from dittune.data.transforms import RESIZE_METHOD, ImageLoadError, load_pixels
@@ -43,9 +43,11 @@ class PreparedData:
 
 
 def validation_size(cfg: DittuneConfig, alignment: int) -> tuple[int, int]:
-    """(width, height) for validation: configured, else the square bucket of data.resolution."""
+    """(width, height) for validation: configured (snapped to the alignment), else the square bucket
+    of data.resolution ("pixel" or "area")."""
     side_w, side_h = square_bucket(cfg.data.resolution, cfg.data.resolution_type, alignment)
-    return cfg.validation.width or side_w, cfg.validation.height or side_h
+    width, height = cfg.validation.width, cfg.validation.height
+    return (snap(width, alignment) if width else side_w), (snap(height, alignment) if height else side_h)
 
 
 def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:

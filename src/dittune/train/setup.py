@@ -37,6 +37,11 @@ def loss_settings(cfg: DittuneConfig, spec: ModelSpec) -> LossSettings:
         settings.vlb = cfg.loss.vlb
     settings.noise_offset = cfg.loss.noise_offset
     settings.min_snr_gamma = cfg.loss.min_snr_gamma
+    if cfg.loss.timestep_sampling is not None:
+        settings.timestep_sampling = cfg.loss.timestep_sampling
+    settings.logit_mean, settings.logit_std = cfg.loss.logit_mean, cfg.loss.logit_std
+    settings.mode_scale, settings.flow_shift = cfg.loss.mode_scale, cfg.loss.flow_shift
+    settings.weighting, settings.guidance = cfg.loss.weighting, cfg.loss.guidance
     settings.sample_latents = cfg.cache.latent_sampling == "sample"
     return settings
 
@@ -96,7 +101,7 @@ def make_accelerator(cfg: DittuneConfig) -> Any:
 
 
 def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
-    spec = spec_class(cfg.model.family)(cfg.model.path)
+    spec = spec_class(cfg.model.family)(cfg.model.path, t5_max_length=cfg.model.t5_max_length)
     return spec, spec.inspect()
 
 

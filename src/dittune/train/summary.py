@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dittune.train.prepare import validation_size
 from dittune.train.setup import Run
 
 
@@ -10,6 +11,17 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def _validation_lines(run: Run) -> list[str]:
+    val = run.cfg.validation
+    if not val.prompts:
+        return ["Validation off (no validation.prompts)"]
+    width, height = validation_size(run.cfg, run.spec.alignment)
+    asked = (val.width or width, val.height or height)
+    snapped = "" if asked == (width, height) else f" (asked {asked[0]}×{asked[1]}; sides snap to {run.spec.alignment})"
+    when = f"every {val.every_steps} steps" if val.every_steps else "at the end"
+    return [f"Validation {len(val.prompts)} prompt(s) at {width}×{height}{snapped}, {val.steps} steps, {when}"]
 
 
 def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
@@ -33,8 +45,8 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         f"           lr {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}), "
         f"{cfg.train.optimizer}, precision {cfg.train.mixed_precision}, weights {run.weight_dtype}, "
         f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
-        f"Objective  vlb {'on' if run.loss.vlb else 'off'}, noise offset {run.loss.noise_offset:g}, "
-        f"min-SNR {run.loss.min_snr_gamma or 'off'}, caption dropout {cfg.train.caption_dropout:g}",
+        f"Objective  {run.spec.describe_objective(run.loss)}, caption dropout {cfg.train.caption_dropout:g}",
+        *_validation_lines(run),
         f"Device     {run.accelerator.device}",
         f"Output     {cfg.output_dir}",
     ]

@@ -71,16 +71,16 @@ def run_validation(
     images: list[tuple[str, Image.Image]] = []
     for index, (prompt, positive) in enumerate(zip(request.prompts, request.positive)):
         generator = torch.Generator("cpu").manual_seed(request.seed + index)
-        kwargs = spec.pipeline_kwargs(
-            positive,
-            request.negative,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            guidance=request.guidance,
-            generator=generator,
-        )
         try:
+            kwargs = spec.pipeline_kwargs(
+                positive,
+                request.negative,
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                guidance=request.guidance,
+                generator=generator,
+            )
             with torch.no_grad(), autocast():
                 image = pipeline(**kwargs).images[0]
         except Exception as error:  # validation must never stop training

@@ -6,51 +6,19 @@ The version is decided by the weights: v1.0/v1.1 checkpoints carry
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from dittune.models.base import ModelInfo
+from dittune.models.folder import pipeline_folder_problems, read_json, weight_keys
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 STYLE_KEY = "time_extra_emb.style_embedder.weight"
 EXPECTED_BETA_END = {"v1.0/v1.1": 0.03, "v1.2": 0.018}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def folder_problems(path: Path) -> list[str]:
     """Missing pieces of a diffusers-layout Hunyuan-DiT folder, each with the fix."""
-    path = Path(path)
-    if not path.is_dir():
-        return [f"model folder {path} does not exist"]
-    if not (path / "model_index.json").is_file():
-        return [f"{path} has no model_index.json; point model.path at a diffusers-layout pipeline folder"]
-    problems = []
-    index = read_json(path / "model_index.json")
-    cls = index.get("_class_name")
-    if cls not in (None, "HunyuanDiTPipeline"):
-        problems.append(f"{path}/model_index.json declares {cls}, not HunyuanDiTPipeline; is model.family right?")
-    for name in COMPONENTS:
-        if not (path / name).is_dir():
-            problems.append(f"{path} lacks the {name}/ subfolder (a complete HunyuanDiTPipeline folder is needed)")
-    return problems
-
-
-def weight_keys(folder: Path) -> set[str] | None:
-    """Tensor names of a component's safetensors weights (header only), or None if there are none."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    keys: set[str] = set()
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
+    return pipeline_folder_problems(path, "HunyuanDiTPipeline", COMPONENTS)
 
 
 def detect(path: Path) -> ModelInfo:

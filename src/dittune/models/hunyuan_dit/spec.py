@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models import autoencoder
 from dittune.models.base import (
     LossOutput,
     LossSettings,
@@ -69,6 +70,7 @@ class HunyuanDiTSpec(ModelSpec):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     denoiser_component = "transformer"
     pipeline_class = "HunyuanDiTPipeline"
+    loss_options = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
 
     # ----------------------------------------------------------------- inspection
     @classmethod
@@ -92,6 +94,9 @@ class HunyuanDiTSpec(ModelSpec):
 
     def default_loss_settings(self, method: str) -> LossSettings:
         return LossSettings(vlb=method == "full")
+
+    def describe_objective(self, settings: LossSettings) -> str:
+        return "v-prediction (DDPM), " + super().describe_objective(settings)
 
     # ------------------------------------------------------------------ text side
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> HunyuanTextEncoders:
@@ -144,20 +149,13 @@ class HunyuanDiTSpec(ModelSpec):
 
     # ---------------------------------------------------------------- image side
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKL
+        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
 
-        vae = AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype)
-        return vae.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
-        return [{"mean": mean[i], "logvar": logvar[i]} for i in range(mean.shape[0])]
+        return autoencoder.encode_moments(vae, pixels)
 
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
-        return {"family": self.family, "vae": fingerprinter.folder(self.path / "vae"), "outputs": "mean+logvar"}
+        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
 
     # ------------------------------------------------------------------ denoiser
     def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
@@ -183,13 +181,7 @@ class HunyuanDiTSpec(ModelSpec):
     def latents_from_moments(
         self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
     ) -> torch.Tensor:
-        mean = moments["mean"].float()
-        if sample:
-            std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + std * noise
-        shift = self.vae_config.get("shift_factor") or 0.0
-        return (mean - shift) * float(self.vae_config.get("scaling_factor", 0.13025))
+        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
 
     def image_meta_size(self, batch: TrainBatch, device: torch.device) -> torch.Tensor:
         """(B, 6) in the official training order: original w, h, target w, h, crop left, top."""

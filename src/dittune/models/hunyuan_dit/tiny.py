@@ -8,11 +8,13 @@ Text lengths stay 77 / 256 because the transformer and the stock pipeline requir
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dittune.models.tiny_parts import check_empty, save_pipeline, tiny_autoencoder, tiny_t5_encoder
 from dittune.models.tiny_text import write_bert_tokenizer, write_t5_tokenizer
 
 BETA_END = {"v1.1": 0.03, "v1.2": 0.018}
@@ -41,20 +43,7 @@ def tiny_transformer_config(variant: str) -> dict:
 
 def tiny_vae(channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32, scaling_factor: float = 0.13025):
     """A 4-block AutoencoderKL (×8, 4 latent channels) with random weights from the global RNG."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=norm_groups,
-        sample_size=128,
-        scaling_factor=scaling_factor,
-    )
+    return tiny_autoencoder(channels, norm_groups=norm_groups, scaling_factor=scaling_factor)
 
 
 def build_tiny_hunyuan_dit(
@@ -75,20 +64,17 @@ def build_tiny_hunyuan_dit(
     default model card.
     """
     from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
-    from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import BertConfig, BertModel, BertTokenizer, T5Tokenizer
 
     if variant not in BETA_END:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(BETA_END)}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    staging = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-
-    write_bert_tokenizer(staging / "tokenizer")
-    write_t5_tokenizer(staging / "tokenizer_2")
-    tokenizer = BertTokenizer.from_pretrained(staging / "tokenizer")
-    tokenizer_2 = T5Tokenizer.from_pretrained(staging / "tokenizer_2")
+    check_empty(out)
+    sources = Path(tempfile.mkdtemp(prefix="dittune-tokenizers-"))
+    write_bert_tokenizer(sources / "tokenizer")
+    write_t5_tokenizer(sources / "tokenizer_2")
+    tokenizer = BertTokenizer.from_pretrained(sources / "tokenizer")
+    tokenizer_2 = T5Tokenizer.from_pretrained(sources / "tokenizer_2")
 
     torch.manual_seed(seed)
     text_encoder = BertModel(
@@ -104,21 +90,7 @@ def build_tiny_hunyuan_dit(
         ),
         add_pooling_layer=False,
     )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=text_hidden,
-            d_kv=text_hidden // 4,
-            d_ff=text_hidden + 5,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder_2 = tiny_t5_encoder(len(tokenizer_2), text_hidden)
     transformer = HunyuanDiT2DModel(**{**tiny_transformer_config(variant), **(transformer_overrides or {})})
     vae = vae if vae is not None else tiny_vae()
     scheduler = DDPMScheduler(
@@ -144,15 +116,14 @@ def build_tiny_hunyuan_dit(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
-    pipeline.save_pretrained(staging, safe_serialization=True)
-    (staging / "README.md").write_text(
-        readme
-        or f"# Tiny Hunyuan-DiT ({variant}-style), random weights\n\n"
+    readme = readme or (
+        f"# Tiny Hunyuan-DiT ({variant}-style), random weights\n\n"
         f"Built offline by `dittune tiny hunyuan-dit OUT --variant {variant} --seed {seed}`.\n"
-        "Real architecture classes at tiny sizes; for tests and trying dittune, not for images.\n",
-        encoding="utf-8",
+        "Real architecture classes at tiny sizes; for tests and trying dittune, not for images.\n"
     )
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
-    return out
+    try:
+        return save_pipeline(
+            pipeline, out, readme, {"tokenizer": sources / "tokenizer", "tokenizer_2": sources / "tokenizer_2"}
+        )
+    finally:
+        shutil.rmtree(sources, ignore_errors=True)

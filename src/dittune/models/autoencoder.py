@@ -1,0 +1,51 @@
+"""The `AutoencoderKL` side shared by latent-diffusion families: load, encode to moments, latents.
+
+The cache stores the posterior (mean, log-variance) per image; a training step turns it into a
+latent (a draw or the mean), then applies the VAE's shift and scaling factors from its config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dittune.fingerprint import Fingerprinter
+from dittune.models.base import Moments
+
+
+def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A frozen `AutoencoderKL` from `folder` (e.g. MODEL/vae)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
+    """(B, 3, H, W) in [-1, 1] → one CPU dict {"mean", "logvar"} per image."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
+    return [{"mean": mean[i], "logvar": logvar[i]} for i in range(mean.shape[0])]
+
+
+def latents_from_moments(
+    moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool, vae_config: dict[str, Any]
+) -> torch.Tensor:
+    """Float32 model-space latents: (z − shift_factor) · scaling_factor, z drawn or the mean."""
+    mean = moments["mean"].float()
+    if sample:
+        std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        mean = mean + std * noise
+    shift = vae_config.get("shift_factor") or 0.0
+    return (mean - shift) * float(vae_config.get("scaling_factor") or 1.0)
+
+
+def autoencoder_identity(fingerprinter: Fingerprinter, family: str, folder: Path) -> dict[str, Any]:
+    """Cache identity of the latents: the VAE folder's fingerprint and what is stored."""
+    return {"family": family, "vae": fingerprinter.folder(folder), "outputs": "mean+logvar"}

@@ -1,0 +1,154 @@
+"""Family-independent rectified-flow maths (SD3, Flux and other flow-matching transformers).
+
+Convention (diffusers' FlowMatchEulerDiscreteScheduler): σ ∈ (0, 1), ``x_σ = (1 − σ)·x0 + σ·noise``,
+the model predicts the velocity ``v = noise − x0`` and is called with ``timestep = 1000·σ``. A
+prediction turns back into the clean latent as ``x0 = x_σ − σ·v``.
+
+σ is drawn per sample (`sample_sigmas`): "uniform", "logit_normal" (σ = sigmoid(N(m, s)), SD3's
+default), "mode" (SD3 paper's mode sampling with a scale) or "shift" (uniform, then shifted as the
+inference schedule is). An explicit shift s maps σ to s·σ / (1 + (s − 1)·σ), which equals diffusers'
+exponential time shift with μ = ln s. Loss weights per σ: "none", "sigma_sqrt" (σ⁻²), "cosmap".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from dittune.models.base import LossSettings
+
+TimestepSampling = Literal["uniform", "logit_normal", "mode", "shift"]
+LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+NUM_TRAIN_TIMESTEPS = 1000
+_EPS = 1e-5
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ' = s·σ / (1 + (s − 1)·σ): s > 1 moves σ towards the noisy end; s = 1 is the identity."""
+    if shift <= 0:
+        raise ValueError(f"flow shift must be positive, got {shift}")
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def resolution_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's resolution-dependent shift: s = exp(μ), μ linear in the packed image sequence length."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (image_seq_len - base_seq_len)
+    return math.exp(mu)
+
+
+def sample_sigmas(
+    count: int,
+    sampling: TimestepSampling,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """`count` noise levels σ in (0, 1), float32.
+
+    `shift` is applied after the draw when given (for "shift" it is required).
+    """
+    if sampling == "logit_normal":
+        draw = torch.randn(count, generator=generator, device=device) * logit_std + logit_mean
+        sigmas = torch.sigmoid(draw)
+    elif sampling == "mode":
+        u = torch.rand(count, generator=generator, device=device)
+        sigmas = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+    elif sampling in ("uniform", "shift"):
+        sigmas = torch.rand(count, generator=generator, device=device)
+        if sampling == "shift" and shift is None:
+            raise ValueError('timestep sampling "shift" needs a shift value')
+    else:
+        raise ValueError(f"unknown timestep sampling {sampling!r}; use uniform, logit_normal, mode or shift")
+    if shift is not None:
+        sigmas = shift_sigmas(sigmas, shift)
+    return sigmas.clamp(_EPS, 1.0 - _EPS).float()
+
+
+def _expand(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigmas.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_σ = (1 − σ)·x0 + σ·noise``."""
+    s = _expand(sigmas, x0)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target ``v = noise − x0``."""
+    return noise - x0
+
+
+def x0_from_velocity(x_t: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Clean-latent estimate ``x0 = x_σ − σ·v``."""
+    return x_t - _expand(sigmas, x_t) * velocity
+
+
+def loss_weights(weighting: LossWeighting, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight (float32)."""
+    sigmas = sigmas.float()
+    if weighting == "none":
+        return torch.ones_like(sigmas)
+    if weighting == "sigma_sqrt":
+        return sigmas.pow(-2.0)
+    if weighting == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas.square()))
+    raise ValueError(f"unknown loss weighting {weighting!r}; use none, sigma_sqrt or cosmap")
+
+
+def flow_matching_loss(
+    prediction: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    weighting: LossWeighting = "none",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted MSE between the predicted and the true velocity; returns (scalar loss, logs)."""
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    target = velocity_target(x0.to(dtype), noise.to(dtype))
+    per_sample = (prediction.to(dtype) - target).square().mean(dim=tuple(range(1, target.ndim)))
+    weighted = per_sample * loss_weights(weighting, sigmas).to(per_sample.device, dtype)
+    loss = weighted.mean()
+    return loss, {"loss_mse": per_sample.detach().mean().item(), "sigma_mean": sigmas.float().mean().item()}
+
+
+def training_draw(
+    x0: torch.Tensor, settings: LossSettings, generator: torch.Generator, shift: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(σ, noise, x_σ) for one batch from the loss settings; `shift` as `sample_sigmas` takes it."""
+    sigmas = sample_sigmas(
+        x0.shape[0],
+        settings.timestep_sampling,  # type: ignore[arg-type]
+        generator=generator,
+        device=x0.device,
+        logit_mean=settings.logit_mean,
+        logit_std=settings.logit_std,
+        mode_scale=settings.mode_scale,
+        shift=shift,
+    )
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return sigmas, noise, noisy_latents(x0, noise, sigmas)
+
+
+def describe(settings: LossSettings, shift: str | None) -> str:
+    """The start-up summary line of a flow-matching objective (`shift`: how σ is shifted, or None)."""
+    sampling = "uniform" if settings.timestep_sampling == "shift" else settings.timestep_sampling
+    if sampling == "logit_normal":
+        sampling += f"({settings.logit_mean:g}, {settings.logit_std:g})"
+    elif sampling == "mode":
+        sampling += f"(scale {settings.mode_scale:g})"
+    shifted = f" shifted by {shift}" if shift else ""
+    return f"rectified flow, σ {sampling}{shifted}, weighting {settings.weighting}"

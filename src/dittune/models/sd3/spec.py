@@ -1,0 +1,300 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT): everything family-specific lives here.
+
+Text: CLIP-L and OpenCLIP-bigG (77 tokens; penultimate hidden states + pooled projections) and T5
+(`model.t5_max_length`, default 256), combined exactly as `StableDiffusion3Pipeline.encode_prompt`:
+the two CLIP sequences are concatenated on the feature axis, zero-padded to the T5 width and put in
+front of the T5 sequence; the pooled projections are concatenated. Each encoder's output is cached
+separately so caption dropout can drop one encoder at a time (as SD3 was trained).
+
+Objective: rectified flow (see models/flow_objective.py) with SD3's logit-normal σ sampling by
+default; `loss.timestep_sampling = "shift"` uses the scheduler's shift (3.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dittune.fingerprint import Fingerprinter
+from dittune.models import autoencoder
+from dittune.models.base import (
+    LossOutput,
+    LossSettings,
+    ModelInfo,
+    ModelSpec,
+    Moments,
+    TextEmbedding,
+    TextEncoderSlot,
+    TrainBatch,
+)
+from dittune.models.folder import pipeline_folder_problems, read_json
+
+CLIP_LENGTH = 77
+COMPONENTS = (
+    "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
+    "tokenizer", "tokenizer_2", "tokenizer_3",
+)  # fmt: skip
+FLOW_LOSS_OPTIONS = frozenset({"timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "weighting"})
+
+
+@dataclass
+class SD3TextEncoders:
+    tokenizers: tuple[Any, Any, Any]
+    encoders: tuple[nn.Module, nn.Module, nn.Module]
+    device: torch.device
+
+
+class SD3Spec(ModelSpec):
+    family = "sd3"
+    display_name = "Stable Diffusion 3"
+    alignment = 64
+    text_encoders = (
+        TextEncoderSlot("clip_l", ("clip_l_embeds", "clip_l_pooled")),
+        TextEncoderSlot("clip_g", ("clip_g_embeds", "clip_g_pooled")),
+        TextEncoderSlot("t5", ("t5_embeds",)),
+    )
+    default_lora_targets = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    )  # fmt: skip
+    denoiser_component = "transformer"
+    pipeline_class = "StableDiffusion3Pipeline"
+    loss_options = FLOW_LOSS_OPTIONS
+    t5_lengths = (256, 512)
+
+    # ----------------------------------------------------------------- inspection
+    @classmethod
+    def check_folder(cls, path: Path) -> list[str]:
+        return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
+
+    @cached_property
+    def transformer_config(self) -> dict[str, Any]:
+        return read_json(self.path / "transformer" / "config.json")
+
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        return read_json(self.path / "vae" / "config.json")
+
+    @cached_property
+    def scheduler_config(self) -> dict[str, Any]:
+        return read_json(self.path / "scheduler" / "scheduler_config.json")
+
+    def inspect(self) -> ModelInfo:
+        cfg, scfg = self.transformer_config, self.scheduler_config
+        version = "SD3.0" if not cfg.get("qk_norm") else "SD3.5"
+        if cfg.get("dual_attention_layers"):
+            version += " (MMDiT-X: dual attention, as 3.5 Medium)"
+        warnings = []
+        if scfg.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(
+                f"{self.path}/scheduler declares {scfg.get('_class_name')}; SD3 is a rectified-flow model and "
+                "needs FlowMatchEulerDiscreteScheduler"
+            )
+        if int(self.vae_config.get("latent_channels", 16)) != int(cfg.get("in_channels", 16)):
+            raise ValueError(f"{self.path}: vae latent_channels and transformer in_channels differ")
+        summary = {
+            "layers": cfg.get("num_layers"),
+            "hidden": int(cfg.get("num_attention_heads", 18)) * int(cfg.get("attention_head_dim", 64)),
+            "joint_attention_dim": cfg.get("joint_attention_dim"),
+            "scheduler": f"FlowMatchEulerDiscreteScheduler shift={scfg.get('shift', 1.0)}",
+            "t5_max_length": self.t5_max_length,
+        }
+        return ModelInfo(family=self.family, version=version, path=self.path, summary=summary, warnings=warnings)
+
+    def default_loss_settings(self, method: str) -> LossSettings:
+        return LossSettings(timestep_sampling="logit_normal")
+
+    def describe_objective(self, settings: LossSettings) -> str:
+        from dittune.models import flow_objective as flow
+
+        shift = self.sampling_shift(settings, self.scheduler_config)
+        return flow.describe(settings, f"{shift:g}" if shift else None)
+
+    # ------------------------------------------------------------------ text side
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> SD3TextEncoders:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        encoders = (
+            CLIPTextModelWithProjection.from_pretrained(self.path / "text_encoder", dtype=dtype),
+            CLIPTextModelWithProjection.from_pretrained(self.path / "text_encoder_2", dtype=dtype),
+            T5EncoderModel.from_pretrained(self.path / "text_encoder_3", dtype=dtype),
+        )
+        for module in encoders:
+            module.to(device).eval().requires_grad_(False)
+        tokenizers = tuple(AutoTokenizer.from_pretrained(self.path / name) for name in COMPONENTS[6:])
+        return SD3TextEncoders(tokenizers=tokenizers, encoders=encoders, device=device)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def encode_prompts(self, encoders: SD3TextEncoders, prompts: list[str]) -> list[TextEmbedding]:
+        outputs: dict[str, torch.Tensor] = {}
+        for name, tokenizer, encoder in zip(("clip_l", "clip_g"), encoders.tokenizers[:2], encoders.encoders[:2]):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
+            result = encoder(ids.to(encoders.device), output_hidden_states=True)
+            outputs[f"{name}_embeds"] = result.hidden_states[-2].cpu()
+            outputs[f"{name}_pooled"] = result[0].cpu()
+        ids = encoders.tokenizers[2](
+            prompts,
+            padding="max_length",
+            max_length=self.t5_max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        outputs["t5_embeds"] = encoders.encoders[2](ids.to(encoders.device))[0].cpu()
+        return [{key: value[i] for key, value in outputs.items()} for i in range(len(prompts))]
+
+    def text_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            **{name: fingerprinter.folder(self.path / name) for name in COMPONENTS[3:]},
+            "max_length": [CLIP_LENGTH, CLIP_LENGTH, self.t5_max_length],
+            "padding": "max_length, truncation, no attention mask",
+            "outputs": "CLIP penultimate hidden + pooled projection; T5 last hidden",
+        }
+
+    def joint_text(self, text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled_prompt_embeds) for a batch, as the stock pipeline assembles them."""
+        clip = torch.cat([text["clip_l_embeds"], text["clip_g_embeds"]], dim=-1)
+        t5 = text["t5_embeds"]
+        clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        pooled = torch.cat([text["clip_l_pooled"], text["clip_g_pooled"]], dim=-1)
+        return torch.cat([clip, t5], dim=-2), pooled
+
+    # ---------------------------------------------------------------- image side
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
+
+    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
+        return autoencoder.encode_moments(vae, pixels)
+
+    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
+
+    # ------------------------------------------------------------------ denoiser
+    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        if random_init:
+            return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(self.path / "transformer")).to(
+                dtype
+            )
+        return SD3Transformer2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
+
+    def load_scheduler(self) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(self.path / "scheduler")
+
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
+        denoiser.enable_gradient_checkpointing()
+
+    def latents_from_moments(
+        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+    ) -> torch.Tensor:
+        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
+
+    def sampling_shift(self, settings: LossSettings, scheduler_config: dict[str, Any]) -> float | None:
+        """The σ shift for training: explicit, else the scheduler's for "shift" sampling, else none."""
+        if settings.flow_shift is not None:
+            return settings.flow_shift
+        if settings.timestep_sampling == "shift":
+            return float(scheduler_config.get("shift", 1.0))
+        return None
+
+    def compute_loss(
+        self,
+        denoiser: nn.Module,
+        scheduler: Any,
+        batch: TrainBatch,
+        generator: torch.Generator,
+        settings: LossSettings,
+    ) -> LossOutput:
+        from dittune.models import flow_objective as flow
+
+        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        shift = self.sampling_shift(settings, scheduler.config)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift)
+        prediction = self.forward(denoiser, x_t, sigmas, batch.text)
+        loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
+        return LossOutput(loss=loss, logs=logs)
+
+    def forward(
+        self, denoiser: nn.Module, x_t: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One transformer call; `timestep = 1000·σ` as the scheduler feeds it at sampling time."""
+        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
+        prompt_embeds, pooled = self.joint_text(text)
+        return denoiser(
+            hidden_states=x_t.to(input_dtype),
+            encoder_hidden_states=prompt_embeds.to(input_dtype),
+            pooled_projections=pooled.to(input_dtype),
+            timestep=(sigmas * 1000.0).to(input_dtype),
+            return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------ sampling
+    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipeline = StableDiffusion3Pipeline(
+            transformer=denoiser,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def load_pipeline(self, dtype: torch.dtype) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipeline = StableDiffusion3Pipeline.from_pretrained(self.path, torch_dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def pipeline_kwargs(
+        self,
+        positive: TextEmbedding,
+        negative: TextEmbedding,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        embeds, pooled = self.joint_text({k: v.unsqueeze(0) for k, v in positive.items()})
+        negative_embeds, negative_pooled = self.joint_text({k: v.unsqueeze(0) for k, v in negative.items()})
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled,
+            "width": width,
+            "height": height,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": generator,
+        }
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
+        return {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "width": width,
+            "height": height,
+            "max_sequence_length": self.t5_max_length,
+        }
