@@ -97,7 +97,6 @@ def test_prompt_embeddings_match_the_stock_encode_prompt(family: str, family_mod
 
 def test_sd3_t5_length_is_configurable_and_part_of_the_cache_identity(family_models) -> None:
     from dittune.fingerprint import Fingerprinter
-
     from dittune.models.sd3.spec import SD3Spec
 
     model = family_models["sd3"]
