@@ -6,6 +6,7 @@ latent (a draw or the mean), then applies the VAE's shift and scaling factors fr
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import Moments
+from dittune.models.folder import read_json
 
 
 def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -49,3 +51,28 @@ def latents_from_moments(
 def autoencoder_identity(fingerprinter: Fingerprinter, family: str, folder: Path) -> dict[str, Any]:
     """Cache identity of the latents: the VAE folder's fingerprint and what is stored."""
     return {"family": family, "vae": fingerprinter.folder(folder), "outputs": "mean+logvar"}
+
+
+class AutoencoderKLFamily:
+    """`ModelSpec` mixin for families whose VAE is an `AutoencoderKL` in MODEL/vae."""
+
+    path: Path
+    family: str
+
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        return read_json(self.path / "vae" / "config.json")
+
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        return load_autoencoder(self.path / "vae", device, dtype)
+
+    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
+        return encode_moments(vae, pixels)
+
+    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
+        return autoencoder_identity(fingerprinter, self.family, self.path / "vae")
+
+    def latents_from_moments(
+        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+    ) -> torch.Tensor:
+        return latents_from_moments(moments, generator, sample, self.vae_config)

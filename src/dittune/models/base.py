@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -130,6 +131,13 @@ class ModelSpec(ABC):
             raise ValueError(f"{self.display_name} has a fixed text length; model.t5_max_length cannot change it")
         self.t5_max_length = t5_max_length or (self.t5_lengths[0] if self.t5_lengths else None)
 
+    @cached_property
+    def transformer_config(self) -> dict[str, Any]:
+        """The denoiser's config.json."""
+        from dittune.models.folder import read_json
+
+        return read_json(self.path / self.denoiser_component / "config.json")
+
     # ----------------------------------------------------------------- inspection
     @classmethod
     @abstractmethod
@@ -206,9 +214,13 @@ class ModelSpec(ABC):
     def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
         """The family's stock diffusers pipeline around a live denoiser, without text encoders."""
 
-    @abstractmethod
     def load_pipeline(self, dtype: torch.dtype) -> Any:
         """The complete stock pipeline from the model folder (used by `dittune sample`)."""
+        import diffusers
+
+        pipeline = getattr(diffusers, self.pipeline_class).from_pretrained(self.path, torch_dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
     @abstractmethod
     def pipeline_kwargs(

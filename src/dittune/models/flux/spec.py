@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models import autoencoder
+from dittune.models.autoencoder import AutoencoderKLFamily
 from dittune.models.base import (
     LossOutput,
     LossSettings,
     ModelInfo,
     ModelSpec,
-    Moments,
     TextEmbedding,
     TextEncoderSlot,
     TrainBatch,
@@ -77,7 +76,7 @@ def image_ids(latent_height: int, latent_width: int, device: torch.device, dtype
     return grid.reshape(-1, 3)
 
 
-class FluxSpec(ModelSpec):
+class FluxSpec(AutoencoderKLFamily, ModelSpec):
     family = "flux"
     display_name = "Flux.1"
     alignment = 16
@@ -97,14 +96,6 @@ class FluxSpec(ModelSpec):
     @classmethod
     def check_folder(cls, path: Path) -> list[str]:
         return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
-    @cached_property
-    def transformer_config(self) -> dict[str, Any]:
-        return read_json(self.path / "transformer" / "config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
 
     @cached_property
     def scheduler_config(self) -> dict[str, Any]:
@@ -209,20 +200,6 @@ class FluxSpec(ModelSpec):
         }
 
     # ---------------------------------------------------------------- image side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
-
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        return autoencoder.encode_moments(vae, pixels)
-
-    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
-        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
-
-    def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
-    ) -> torch.Tensor:
-        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
-
     def pipeline_latents(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         return unpack_latents(latents, height // 8, width // 8)
 
@@ -302,13 +279,6 @@ class FluxSpec(ModelSpec):
             tokenizer_2=None,
             transformer=denoiser,
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def load_pipeline(self, dtype: torch.dtype) -> Any:
-        from diffusers import FluxPipeline
-
-        pipeline = FluxPipeline.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models import autoencoder
+from dittune.models.autoencoder import AutoencoderKLFamily
 from dittune.models.base import (
     LossOutput,
     LossSettings,
     ModelInfo,
     ModelSpec,
-    Moments,
     TextEmbedding,
     TextEncoderSlot,
     TrainBatch,
@@ -59,7 +58,7 @@ def rotary_embedding(
     return get_2d_rotary_pos_embed(head_dim, crops, grid, use_real=True, device=device, output_type="pt")
 
 
-class HunyuanDiTSpec(ModelSpec):
+class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
     family = "hunyuan-dit"
     display_name = "Hunyuan-DiT"
     alignment = 16
@@ -81,16 +80,8 @@ class HunyuanDiTSpec(ModelSpec):
         return folder.detect(self.path)
 
     @cached_property
-    def transformer_config(self) -> dict[str, Any]:
-        return folder.read_json(self.path / "transformer" / "config.json")
-
-    @cached_property
     def uses_size_conditioning(self) -> bool:
         return bool(self.transformer_config.get("use_style_cond_and_image_meta_size", True))
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return folder.read_json(self.path / "vae" / "config.json")
 
     def default_loss_settings(self, method: str) -> LossSettings:
         return LossSettings(vlb=method == "full")
@@ -147,16 +138,6 @@ class HunyuanDiTSpec(ModelSpec):
             "outputs": "last_hidden_state + attention_mask",
         }
 
-    # ---------------------------------------------------------------- image side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
-
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        return autoencoder.encode_moments(vae, pixels)
-
-    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
-        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
-
     # ------------------------------------------------------------------ denoiser
     def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
         from diffusers import HunyuanDiT2DModel
@@ -177,11 +158,6 @@ class HunyuanDiTSpec(ModelSpec):
         from dittune.models.checkpointing import enable_block_checkpointing
 
         enable_block_checkpointing(denoiser.blocks)
-
-    def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
-    ) -> torch.Tensor:
-        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
 
     def image_meta_size(self, batch: TrainBatch, device: torch.device) -> torch.Tensor:
         """(B, 6) in the official training order: original w, h, target w, h, crop left, top."""
@@ -274,13 +250,6 @@ class HunyuanDiTSpec(ModelSpec):
             text_encoder_2=None,
             tokenizer_2=None,
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def load_pipeline(self, dtype: torch.dtype) -> Any:
-        from diffusers import HunyuanDiTPipeline
-
-        pipeline = HunyuanDiTPipeline.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models import autoencoder
+from dittune.models.autoencoder import AutoencoderKLFamily
 from dittune.models.base import (
     LossOutput,
     LossSettings,
     ModelInfo,
     ModelSpec,
-    Moments,
     TextEmbedding,
     TextEncoderSlot,
     TrainBatch,
@@ -43,7 +42,7 @@ class PixArtTextEncoders:
     device: torch.device
 
 
-class PixArtSigmaSpec(ModelSpec):
+class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
     family = "pixart-sigma"
     display_name = "PixArt-Sigma"
     alignment = 16
@@ -59,14 +58,6 @@ class PixArtSigmaSpec(ModelSpec):
     @classmethod
     def check_folder(cls, path: Path) -> list[str]:
         return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
-    @cached_property
-    def transformer_config(self) -> dict[str, Any]:
-        return read_json(self.path / "transformer" / "config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
 
     @cached_property
     def uses_micro_conditions(self) -> bool:
@@ -142,21 +133,6 @@ class PixArtSigmaSpec(ModelSpec):
             "padding": "max_length, truncation, no caption cleaning",
             "outputs": "last_hidden_state + attention_mask",
         }
-
-    # ---------------------------------------------------------------- image side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
-
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        return autoencoder.encode_moments(vae, pixels)
-
-    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
-        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
-
-    def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
-    ) -> torch.Tensor:
-        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
 
     # ------------------------------------------------------------------ denoiser
     def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
@@ -244,13 +220,6 @@ class PixArtSigmaSpec(ModelSpec):
         pipeline = PixArtSigmaPipeline(
             tokenizer=None, text_encoder=None, vae=vae, transformer=denoiser, scheduler=scheduler
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def load_pipeline(self, dtype: torch.dtype) -> Any:
-        from diffusers import PixArtSigmaPipeline
-
-        pipeline = PixArtSigmaPipeline.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models import autoencoder
+from dittune.models.autoencoder import AutoencoderKLFamily
 from dittune.models.base import (
     LossOutput,
     LossSettings,
     ModelInfo,
     ModelSpec,
-    Moments,
     TextEmbedding,
     TextEncoderSlot,
     TrainBatch,
@@ -49,7 +48,7 @@ class SD3TextEncoders:
     device: torch.device
 
 
-class SD3Spec(ModelSpec):
+class SD3Spec(AutoencoderKLFamily, ModelSpec):
     family = "sd3"
     display_name = "Stable Diffusion 3"
     alignment = 64
@@ -71,14 +70,6 @@ class SD3Spec(ModelSpec):
     @classmethod
     def check_folder(cls, path: Path) -> list[str]:
         return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
-    @cached_property
-    def transformer_config(self) -> dict[str, Any]:
-        return read_json(self.path / "transformer" / "config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
 
     @cached_property
     def scheduler_config(self) -> dict[str, Any]:
@@ -167,16 +158,6 @@ class SD3Spec(ModelSpec):
         pooled = torch.cat([text["clip_l_pooled"], text["clip_g_pooled"]], dim=-1)
         return torch.cat([clip, t5], dim=-2), pooled
 
-    # ---------------------------------------------------------------- image side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return autoencoder.load_autoencoder(self.path / "vae", device, dtype)
-
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        return autoencoder.encode_moments(vae, pixels)
-
-    def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
-        return autoencoder.autoencoder_identity(fingerprinter, self.family, self.path / "vae")
-
     # ------------------------------------------------------------------ denoiser
     def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
         from diffusers import SD3Transformer2DModel
@@ -194,11 +175,6 @@ class SD3Spec(ModelSpec):
 
     def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
         denoiser.enable_gradient_checkpointing()
-
-    def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
-    ) -> torch.Tensor:
-        return autoencoder.latents_from_moments(moments, generator, sample, self.vae_config)
 
     def sampling_shift(self, settings: LossSettings, scheduler_config: dict[str, Any]) -> float | None:
         """The σ shift for training: explicit, else the scheduler's for "shift" sampling, else none."""
@@ -255,13 +231,6 @@ class SD3Spec(ModelSpec):
             text_encoder_3=None,
             tokenizer_3=None,
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def load_pipeline(self, dtype: torch.dtype) -> Any:
-        from diffusers import StableDiffusion3Pipeline
-
-        pipeline = StableDiffusion3Pipeline.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
