@@ -9,7 +9,7 @@
 #    - draws 64 rings with English/Chinese captions into OUT/data: "ring" (圆环) is a word the
 #      base model demo/base (a tiny Hunyuan-DiT trained on filled shapes) has never seen;
 #    - writes OUT/config.toml and runs `dittune train` on it: a LoRA, 500 steps, validation grids
-#      before training, every 100 steps and at the end; caches in OUT/cache are reused by a re-run;
+#      before training, every 166 steps and at the end; caches in OUT/cache are reused by a re-run;
 #    - stacks the first and last grids into OUT/before_after.png (the run writes run/loss.png);
 #    - measures base and LoRA on held-out ring prompts and seeds (hollow shapes, colour accuracy);
 # 3. samples one image with the LoRA (`dittune sample`) and prints where everything is.
