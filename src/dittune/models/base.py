@@ -119,6 +119,9 @@ class ModelSpec(ABC):
     pipeline_class: ClassVar[str]
     """The family's stock diffusers pipeline class name (as in model_index.json)."""
 
+    denoiser_class: ClassVar[str]
+    """The diffusers class of the trained component."""
+
     loss_options: ClassVar[frozenset[str]] = frozenset()
     """The `loss.*` config keys this family's objective uses; setting any other is a preflight error."""
 
@@ -188,15 +191,29 @@ class ModelSpec(ABC):
         return latents
 
     # ------------------------------------------------------------------ denoiser
-    @abstractmethod
-    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module: ...
+    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
+        """The trainable model (`denoiser_class` from the denoiser folder); `random_init` builds it
+        from its config alone."""
+        import diffusers
 
-    @abstractmethod
+        cls = getattr(diffusers, self.denoiser_class)
+        folder = self.path / self.denoiser_component
+        if random_init:
+            return cls.from_config(cls.load_config(folder)).to(dtype)
+        return cls.from_pretrained(folder, torch_dtype=dtype)
+
     def load_scheduler(self) -> Any:
-        """The training/sampling noise scheduler from the model folder."""
+        """The noise scheduler named in the folder's scheduler_config.json."""
+        import diffusers
 
-    @abstractmethod
-    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None: ...
+        from dittune.models.folder import read_json
+
+        config = read_json(self.path / "scheduler" / "scheduler_config.json")
+        return getattr(diffusers, config["_class_name"]).from_pretrained(self.path / "scheduler")
+
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
+        """Per-block recomputation (diffusers' own switch where the model has one)."""
+        denoiser.enable_gradient_checkpointing()
 
     @abstractmethod
     def compute_loss(
@@ -210,9 +227,27 @@ class ModelSpec(ABC):
         """Sample latents from moments, noise them, run the denoiser and return the loss."""
 
     # ------------------------------------------------------------------ sampling
-    @abstractmethod
+    pipeline_init_extras: ClassVar[dict[str, Any]] = {}
+    """Extra constructor arguments for `build_pipeline` (e.g. a flag that silences a warning)."""
+
     def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
-        """The family's stock diffusers pipeline around a live denoiser, without text encoders."""
+        """The stock pipeline around a live denoiser; every other required component (text encoders,
+        tokenizers, safety checker) is None, as validation feeds cached embeddings."""
+        import inspect
+
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        given = {self.denoiser_component: denoiser, "vae": vae, "scheduler": scheduler, **self.pipeline_init_extras}
+        params = inspect.signature(cls.__init__).parameters
+        absent = {
+            name: None
+            for name, param in params.items()
+            if name != "self" and name not in given and param.default is inspect.Parameter.empty
+        }
+        pipeline = cls(**absent, **given)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
     def load_pipeline(self, dtype: torch.dtype) -> Any:
         """The complete stock pipeline from the model folder (used by `dittune sample`)."""
@@ -223,6 +258,17 @@ class ModelSpec(ABC):
         return pipeline
 
     @abstractmethod
+    def embedding_kwargs(self, positive: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
+        """Pipeline arguments carrying one prompt's cached embeddings and the negative prompt's."""
+
+    def size_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        """Pipeline arguments for the image size (families add their size conditioning)."""
+        return {"width": width, "height": height}
+
+    def text_call_kwargs(self) -> dict[str, Any]:
+        """Extra arguments when the pipeline encodes the text itself (e.g. the T5 length)."""
+        return {}
+
     def pipeline_kwargs(
         self,
         positive: TextEmbedding,
@@ -234,11 +280,23 @@ class ModelSpec(ABC):
         guidance: float,
         generator: torch.Generator,
     ) -> dict[str, Any]:
-        """Keyword arguments for the pipeline call from cached embeddings."""
+        """Keyword arguments for the pipeline call from cached embeddings (validation)."""
+        return {
+            **self.embedding_kwargs(positive, negative),
+            **self.size_kwargs(width, height),
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": generator,
+        }
 
-    @abstractmethod
     def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
-        """Pipeline keyword arguments for a plain-text call (pipeline encodes the prompt itself)."""
+        """Pipeline keyword arguments for a plain-text call (the pipeline encodes the prompt itself)."""
+        return {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            **self.size_kwargs(width, height),
+            **self.text_call_kwargs(),
+        }
 
     def describe_objective(self, settings: LossSettings) -> str:
         """One line for the start-up summary: the objective and the loss options in effect."""

@@ -93,6 +93,19 @@ class DDPMTables:
         return values.to(device).reshape(-1, *([1] * (ndim - 1)))
 
 
+class SchedulerTables:
+    """`DDPMTables` of the scheduler last asked for, built once per scheduler object."""
+
+    def __init__(self) -> None:
+        self._scheduler: Any = None
+        self._tables: DDPMTables | None = None
+
+    def __call__(self, scheduler: Any) -> DDPMTables:
+        if self._tables is None or self._scheduler is not scheduler:
+            self._scheduler, self._tables = scheduler, DDPMTables.from_scheduler(scheduler)
+        return self._tables
+
+
 def _index(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``table[t]`` in float64 where the device supports it (float32 otherwise, e.g. MPS)."""
     t = t.reshape(-1).long()

@@ -88,6 +88,7 @@ class FluxSpec(AutoencoderKLFamily, ModelSpec):
     )  # fmt: skip
     """As diffusers' Flux LoRA script: attention of both block kinds plus the double blocks' MLPs."""
     denoiser_component = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
     pipeline_class = "FluxPipeline"
     loss_options = FLOW_LOSS_OPTIONS
     t5_lengths = (512, 512)
@@ -204,21 +205,6 @@ class FluxSpec(AutoencoderKLFamily, ModelSpec):
         return unpack_latents(latents, height // 8, width // 8)
 
     # ------------------------------------------------------------------ denoiser
-    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
-        from diffusers import FluxTransformer2DModel
-
-        if random_init:
-            config = FluxTransformer2DModel.load_config(self.path / "transformer")
-            return FluxTransformer2DModel.from_config(config).to(dtype)
-        return FluxTransformer2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
-
-    def load_scheduler(self) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(self.path / "scheduler")
-
-    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
-        denoiser.enable_gradient_checkpointing()
 
     def compute_loss(
         self,
@@ -267,50 +253,13 @@ class FluxSpec(AutoencoderKLFamily, ModelSpec):
         return unpack_latents(packed, height, width)
 
     # ------------------------------------------------------------------ sampling
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
-        from diffusers import FluxPipeline
-
-        pipeline = FluxPipeline(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=denoiser,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def pipeline_kwargs(
-        self,
-        positive: TextEmbedding,
-        negative: TextEmbedding,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        generator: torch.Generator,
-    ) -> dict[str, Any]:
+    def embedding_kwargs(self, positive: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
         return {
             "prompt_embeds": positive["t5_embeds"].unsqueeze(0),
             "pooled_prompt_embeds": positive["clip_pooled"].unsqueeze(0),
             "negative_prompt_embeds": negative["t5_embeds"].unsqueeze(0),
             "negative_pooled_prompt_embeds": negative["clip_pooled"].unsqueeze(0),
-            "width": width,
-            "height": height,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "generator": generator,
-            "max_sequence_length": self.t5_max_length,
         }
 
-    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
-        return {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt or None,
-            "width": width,
-            "height": height,
-            "max_sequence_length": self.t5_max_length,
-        }
+    def text_call_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_max_length}

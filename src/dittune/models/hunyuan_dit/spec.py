@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from dittune.models.base import (
     TextEncoderSlot,
     TrainBatch,
 )
+from dittune.models.diffusion_objective import SchedulerTables
 from dittune.models.hunyuan_dit import inspect as folder
 
 CLIP_LENGTH = 77
@@ -68,6 +69,7 @@ class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
     )
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     denoiser_component = "transformer"
+    denoiser_class = "HunyuanDiT2DModel"
     pipeline_class = "HunyuanDiTPipeline"
     loss_options = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
 
@@ -139,20 +141,6 @@ class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
         }
 
     # ------------------------------------------------------------------ denoiser
-    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
-        from diffusers import HunyuanDiT2DModel
-
-        if random_init:
-            model = HunyuanDiT2DModel.from_config(HunyuanDiT2DModel.load_config(self.path / "transformer"))
-            return model.to(dtype)
-        return HunyuanDiT2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
-
-    def load_scheduler(self) -> Any:
-        import diffusers
-
-        config = folder.read_json(self.path / "scheduler" / "scheduler_config.json")
-        scheduler_cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"))
-        return scheduler_cls.from_pretrained(self.path / "scheduler")
 
     def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
         from dittune.models.checkpointing import enable_block_checkpointing
@@ -225,35 +213,14 @@ class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
             )
         return cache[key]
 
-    def _tables(self, scheduler: Any):
-        from dittune.models.diffusion_objective import DDPMTables
-
-        cached = getattr(self, "_ddpm_tables", None)
-        if cached is None or cached[0] is not scheduler:
-            cached = (scheduler, DDPMTables.from_scheduler(scheduler))
-            self._ddpm_tables = cached
-        return cached[1]
+    @cached_property
+    def _tables(self) -> SchedulerTables:
+        return SchedulerTables()
 
     # ------------------------------------------------------------------ sampling
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
-        from diffusers import HunyuanDiTPipeline
+    pipeline_init_extras: ClassVar[dict[str, Any]] = {"requires_safety_checker": False}
 
-        pipeline = HunyuanDiTPipeline(
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            transformer=denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            text_encoder_2=None,
-            tokenizer_2=None,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def _size_kwargs(self, width: int, height: int) -> dict[str, Any]:
+    def size_kwargs(self, width: int, height: int) -> dict[str, Any]:
         return {
             "width": width,
             "height": height,
@@ -263,27 +230,9 @@ class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
             "crops_coords_top_left": (0, 0),
         }
 
-    def pipeline_kwargs(
-        self,
-        positive: TextEmbedding,
-        negative: TextEmbedding,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        generator: torch.Generator,
-    ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "generator": generator,
-            **self._size_kwargs(width, height),
-        }
+    def embedding_kwargs(self, positive: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
         for key in ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2"):
             kwargs[key] = positive[key].unsqueeze(0)
             kwargs[f"negative_{key}"] = negative[key].unsqueeze(0)
         return kwargs
-
-    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
-        return {"prompt": prompt, "negative_prompt": negative_prompt, **self._size_kwargs(width, height)}

@@ -30,6 +30,7 @@ from dittune.models.base import (
     TextEncoderSlot,
     TrainBatch,
 )
+from dittune.models.diffusion_objective import SchedulerTables
 from dittune.models.folder import pipeline_folder_problems, read_json
 
 COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -50,6 +51,7 @@ class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
     default_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                             "attn2.to_v", "attn2.to_out.0")  # fmt: skip
     denoiser_component = "transformer"
+    denoiser_class = "PixArtTransformer2DModel"
     pipeline_class = "PixArtSigmaPipeline"
     loss_options = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
     t5_lengths = (300, 512)
@@ -135,22 +137,6 @@ class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
         }
 
     # ------------------------------------------------------------------ denoiser
-    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
-        from diffusers import PixArtTransformer2DModel
-
-        if random_init:
-            config = PixArtTransformer2DModel.load_config(self.path / "transformer")
-            return PixArtTransformer2DModel.from_config(config).to(dtype)
-        return PixArtTransformer2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
-
-    def load_scheduler(self) -> Any:
-        import diffusers
-
-        config = read_json(self.path / "scheduler" / "scheduler_config.json")
-        return getattr(diffusers, config["_class_name"]).from_pretrained(self.path / "scheduler")
-
-    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
-        denoiser.enable_gradient_checkpointing()
 
     def compute_loss(
         self,
@@ -204,57 +190,20 @@ class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
             return_dict=False,
         )[0]
 
-    def _tables(self, scheduler: Any):
-        from dittune.models.diffusion_objective import DDPMTables
-
-        cached = getattr(self, "_ddpm_tables", None)
-        if cached is None or cached[0] is not scheduler:
-            cached = (scheduler, DDPMTables.from_scheduler(scheduler))
-            self._ddpm_tables = cached
-        return cached[1]
+    @cached_property
+    def _tables(self) -> SchedulerTables:
+        return SchedulerTables()
 
     # ------------------------------------------------------------------ sampling
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
-        from diffusers import PixArtSigmaPipeline
+    def size_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        return {"width": width, "height": height, "use_resolution_binning": False}
 
-        pipeline = PixArtSigmaPipeline(
-            tokenizer=None, text_encoder=None, vae=vae, transformer=denoiser, scheduler=scheduler
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def pipeline_kwargs(
-        self,
-        positive: TextEmbedding,
-        negative: TextEmbedding,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        generator: torch.Generator,
-    ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "width": width,
-            "height": height,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "generator": generator,
-            "use_resolution_binning": False,
-            "negative_prompt": None,  # the pipeline's default "" would clash with negative_prompt_embeds
-        }
+    def embedding_kwargs(self, positive: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"negative_prompt": None}  # the default "" would clash with negative_prompt_embeds
         for key in ("prompt_embeds", "prompt_attention_mask"):
             kwargs[key] = positive[key].unsqueeze(0)
             kwargs[f"negative_{key}"] = negative[key].unsqueeze(0)
         return kwargs
 
-    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
-        return {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "use_resolution_binning": False,
-            "clean_caption": False,
-            "max_sequence_length": self.t5_max_length,
-        }
+    def text_call_kwargs(self) -> dict[str, Any]:
+        return {"clean_caption": False, "max_sequence_length": self.t5_max_length}

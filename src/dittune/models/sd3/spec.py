@@ -62,6 +62,7 @@ class SD3Spec(AutoencoderKLFamily, ModelSpec):
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     )  # fmt: skip
     denoiser_component = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
     pipeline_class = "StableDiffusion3Pipeline"
     loss_options = FLOW_LOSS_OPTIONS
     t5_lengths = (256, 512)
@@ -159,22 +160,6 @@ class SD3Spec(AutoencoderKLFamily, ModelSpec):
         return torch.cat([clip, t5], dim=-2), pooled
 
     # ------------------------------------------------------------------ denoiser
-    def load_denoiser(self, dtype: torch.dtype, random_init: bool = False) -> nn.Module:
-        from diffusers import SD3Transformer2DModel
-
-        if random_init:
-            return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(self.path / "transformer")).to(
-                dtype
-            )
-        return SD3Transformer2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype)
-
-    def load_scheduler(self) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(self.path / "scheduler")
-
-    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
-        denoiser.enable_gradient_checkpointing()
 
     def sampling_shift(self, settings: LossSettings, scheduler_config: dict[str, Any]) -> float | None:
         """The σ shift for training: explicit, else the scheduler's for "shift" sampling, else none."""
@@ -217,34 +202,7 @@ class SD3Spec(AutoencoderKLFamily, ModelSpec):
         )[0]
 
     # ------------------------------------------------------------------ sampling
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
-        from diffusers import StableDiffusion3Pipeline
-
-        pipeline = StableDiffusion3Pipeline(
-            transformer=denoiser,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            text_encoder_3=None,
-            tokenizer_3=None,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def pipeline_kwargs(
-        self,
-        positive: TextEmbedding,
-        negative: TextEmbedding,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        generator: torch.Generator,
-    ) -> dict[str, Any]:
+    def embedding_kwargs(self, positive: TextEmbedding, negative: TextEmbedding) -> dict[str, Any]:
         embeds, pooled = self.joint_text({k: v.unsqueeze(0) for k, v in positive.items()})
         negative_embeds, negative_pooled = self.joint_text({k: v.unsqueeze(0) for k, v in negative.items()})
         return {
@@ -252,18 +210,7 @@ class SD3Spec(AutoencoderKLFamily, ModelSpec):
             "pooled_prompt_embeds": pooled,
             "negative_prompt_embeds": negative_embeds,
             "negative_pooled_prompt_embeds": negative_pooled,
-            "width": width,
-            "height": height,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "generator": generator,
         }
 
-    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
-        return {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "width": width,
-            "height": height,
-            "max_sequence_length": self.t5_max_length,
-        }
+    def text_call_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.t5_max_length}
