@@ -325,6 +325,10 @@ def build_cases(root: Path, model: Path, data: Path, methods: list[str], precisi
         cfg.output_dir.mkdir(parents=True)
         with quiet():
             run = build_run(cfg, make_accelerator(cfg), progress=False, announce=lambda _line: None)
+        if args.compile:  # train.compile: the same blocks compiled for both paths (same model object)
+            from dittune.models.compile import compile_blocks
+
+            compile_blocks(run.spec, run.accelerator.unwrap_model(run.denoiser))
         trainer = Trainer(run, progress=False)
         cases.append(Case(method, precision, trainer, ours_step(trainer), bare_step(trainer)))
     return cases
@@ -419,6 +423,7 @@ def describe_setup(run: Any, args: Any) -> str:
         f"tokens + 77/256 text tokens; batch {args.batch_size}; {args.rounds} rounds × {args.steps} steps per path "
         f"and config after {args.warmup} warm-up steps; LoRA rank {cfg.lora.rank} on {targets}; "
         f"{cfg.train.optimizer}; max_grad_norm {cfg.train.max_grad_norm}; caption dropout {cfg.train.caption_dropout}"
+        + ("; transformer blocks compiled (train.compile)" if args.compile else "")
     )
 
 
@@ -455,6 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also cProfile the parts of our step (after timing)")
     parser.add_argument("--workdir", type=Path, help="keep model, data and caches here (default: a temp folder)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/trainer_overhead-<dev>.md")
+    parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (train.compile)")
     args = parser.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -522,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{load_after[0]:.2f}; {contention_line(cases)}"
     )
     if args.write:
-        path = RESULTS_DIR / f"trainer_overhead-{device.type}.md"
+        path = RESULTS_DIR / f"trainer_overhead-{device.type}{'-compiled' if args.compile else ''}.md"
         body = [
             f"# Trainer overhead ({device.type})",
             "",

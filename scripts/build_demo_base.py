@@ -21,8 +21,18 @@ from pathlib import Path
 import torch
 
 from dittune.demo import base
-from dittune.demo.evaluate import EVAL_SEEDS, generate, jobs_for, load_pipeline, measure, results_grid, summarise
+from dittune.demo.evaluate import (
+    EVAL_SEEDS,
+    EVAL_STEPS,
+    generate,
+    jobs_for,
+    load_pipeline,
+    measure,
+    results_grid,
+    summarise,
+)
 from dittune.demo.shapes import make_shapes_dataset
+from dittune.precision import device_precision
 
 
 def stage(message: str) -> None:
@@ -94,11 +104,11 @@ def train_transformer(work: Path, steps: int, seed: int) -> Path:
     return final
 
 
-def evaluate(model: Path, out: Path) -> dict:
-    stage("Evaluating colour accuracy on held-out prompts and seeds")
+def evaluate(model: Path, out: Path, steps: int = EVAL_STEPS) -> dict:
+    stage(f"Evaluating colour accuracy on held-out prompts and seeds ({steps} denoising steps)")
     jobs = jobs_for(base.held_out_combinations())
     spec, pipeline = load_pipeline(model)
-    images = generate(spec, pipeline, jobs)
+    images = generate(spec, pipeline, jobs, steps=steps)
     results = measure(images, jobs)
     results_grid(images, results).save(out / "heldout_grid.png")
     summary = summarise(results)
@@ -135,16 +145,16 @@ combinations were held out of the training data and are used to test prompt foll
     python scripts/build_demo_base.py WORK --install demo/base{arguments}
 
 1. {images} images drawn by `dittune.demo.shapes` (seed {seed}), captions alternating English/Chinese;
-2. the VAE trained for {vae_steps} steps on 64×64 crops (L1 + 1e-6·KL, bf16 autocast): mean absolute
+2. the VAE trained for {vae_steps} steps on 64×64 crops (L1 + 1e-6·KL, {vae_precision}): mean absolute
    reconstruction error {vae_error:.2f} / 255;
 3. the transformer trained with `dittune train WORK/base.toml` (the config is `base.toml` in this folder):
-   method "full", init "random", {steps} steps of batch 32, AdamW {learning_rate} cosine, bf16 autocast, caption
+   method "full", init "random", {steps} steps of batch 32, AdamW {learning_rate} cosine, {precision}, caption
    dropout 0.1, v-prediction + VLB loss; final loss {final_loss};
 4. this folder is `WORK/run/final` (the run's exported pipeline) plus this card.
 
 Build time {build_minutes:.0f} min on {cpu}.
 
-## Measured (held-out combinations × English/Chinese × seeds {seeds}, 25 DDPM steps, guidance 4)
+## Measured (held-out combinations × English/Chinese × seeds {seeds}, {eval_steps} DDPM steps, guidance 4)
 
 | | colour accuracy |
 | --- | --- |
@@ -167,6 +177,10 @@ every evaluated image. `tests/test_demo_base.py` checks these numbers in CI.
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _precision_text(name: str) -> str:
+    return "bf16 autocast" if name == "bf16" else "fp32"
 
 
 def install(work: Path, final: Path, target: Path, facts: dict) -> None:
@@ -195,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=6000, help="transformer training steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-steps", type=int, default=EVAL_STEPS, help="denoising steps of the held-out evaluation (a quick check)"
+    )
     parser.add_argument("--install", type=Path, help="copy the finished pipeline here (e.g. demo/base)")
     args = parser.parse_args(argv)
     work = args.work.resolve()
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_stats = timed(work, "vae", build_vae, work, data, args.vae_steps, args.seed)
     timed(work, "components", build_components, work, args.seed)
     final = timed(work, "transformer", train_transformer, work, args.steps, args.seed)
-    summary = timed(work, "evaluation", evaluate, final, work)
+    summary = timed(work, "evaluation", evaluate, final, work, args.eval_steps)
     (work / "eval.json").write_text(json.dumps(summary, indent=1))
     if args.install:
         import platform
@@ -215,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         losses = [
             json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()
         ]
-        defaults = {"images": 4000, "vae_steps": 1200, "steps": 6000, "seed": 0}
-        given = {"images": args.images, "vae_steps": args.vae_steps, "steps": args.steps, "seed": args.seed}
+        defaults = {"images": 4000, "vae_steps": 1200, "steps": 6000, "seed": 0, "eval_steps": EVAL_STEPS}
+        given = {k: getattr(args, k) for k in defaults}
         facts = {
             "transformer_params": sum(p.numel() for p in transformer.parameters()) / 1e6,
             "scaling_factor": vae_stats["scaling_factor"],
             "vae_error": vae_stats["mean_abs_error_0_255"],
+            "vae_precision": _precision_text(vae_stats.get("precision", "bf16")),
+            "precision": _precision_text(device_precision("auto", "cpu").name),  # what base.toml's "auto" chose
             "vae_steps": args.vae_steps,
             "images": args.images,
             "seed": args.seed,
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "build_minutes": sum(json.loads((work / "timings.json").read_text()).values()) / 60,
             "cpu": f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})",
             "seeds": ", ".join(str(seed) for seed in EVAL_SEEDS),
+            "eval_steps": args.eval_steps,
             "samples": summary["samples"],
             "accuracy": summary["colour_accuracy"],
             "accuracy_en": summary["colour_accuracy_en"],

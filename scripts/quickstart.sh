@@ -4,17 +4,20 @@
 #   bash scripts/quickstart.sh [OUT_DIR]        (default: quickstart-out/ in the repository)
 #
 # 1. finds a Python environment with dittune installed, or creates .venv in the repository
-#    (pip install -e ".[dev]" -c constraints.txt; the pinned torch is the CPU wheel);
+#    (scripts/venv.sh: pip install -e ".[dev]" -c constraints.txt; the pinned torch is the CPU wheel);
 # 2. runs `python -m dittune.demo.quickstart OUT_DIR`, which
 #    - draws 64 rings with English/Chinese captions into OUT/data: "ring" (圆环) is a word the
 #      base model demo/base (a tiny Hunyuan-DiT trained on filled shapes) has never seen;
-#    - writes OUT/config.toml and runs `dittune train` on it: a LoRA, 500 steps, validation grids
-#      before training, every 166 steps and at the end; caches in OUT/cache are reused by a re-run;
+#    - writes OUT/config.toml and runs `dittune train` on it: a LoRA, 500 steps in the precision this
+#      CPU computes fastest (mixed_precision = "auto": bf16 with AMX/AVX512-BF16, else fp32),
+#      validation grids before training, every 166 steps and at the end; caches in OUT/cache are
+#      reused by a re-run;
 #    - stacks the first and last grids into OUT/before_after.png (the run writes run/loss.png);
 #    - measures base and LoRA on held-out ring prompts and seeds (hollow shapes, colour accuracy);
 # 3. samples one image with the LoRA (`dittune sample`) and prints where everything is.
 #
-# Deterministic: the same seed gives the same LoRA, images and numbers.
+# Deterministic: the same seed gives the same LoRA, images and numbers on the same kind of CPU (with or
+# without native bf16: the two compute in different precisions).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,13 +44,9 @@ for candidate in "$REPO/.venv/bin/python" "$(command -v python3 || true)"; do
 done
 if [[ -z "$PY" ]]; then
     say "No environment with dittune found; creating $REPO/.venv"
-    python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
-        echo "error: dittune needs Python 3.10 or newer; python3 is $(python3 --version 2>&1)" >&2
-        exit 1
-    }
-    [[ -x "$REPO/.venv/bin/python" ]] || python3 -m venv "$REPO/.venv"
-    (cd "$REPO" && .venv/bin/python -m pip install -e ".[dev]" -c constraints.txt)
-    PY=$REPO/.venv/bin/python
+    # shellcheck source=scripts/venv.sh
+    . "$REPO/scripts/venv.sh"
+    ensure_venv "$REPO"
 fi
 BIN=$(dirname "$PY")
 dittune() { "$PY" -m dittune "$@"; }

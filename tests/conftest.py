@@ -75,9 +75,14 @@ def make_dataset(
 def write_config(
     path: Path, model: Path, data: Path, output_dir: Path, extra: str = "", family: str = "hunyuan-dit", **train: object
 ) -> Path:
-    """A minimal TOML config; `train` entries go into [train], `extra` is appended verbatim."""
-    settings = {"max_steps": 4, "batch_size": 2, "trackers": [], **train}
-    train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
+    """A minimal TOML config; `train` entries go into [train] (None leaves a key out), `extra` is appended.
+
+    Tests compute in fp32 (`mixed_precision = "no"`) unless they ask otherwise, so that exactness and
+    determinism do not depend on whether the CPU has native bf16; `mixed_precision=None` leaves the
+    default ("auto") to the hardware.
+    """
+    settings = {"max_steps": 4, "batch_size": 2, "trackers": [], "mixed_precision": "no", **train}
+    train_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items() if v is not None)
     path.write_text(
         f'output_dir = "{output_dir}"\n'
         f'[model]\nfamily = "{family}"\npath = "{model}"\n'

@@ -23,10 +23,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_base.py"
 def test_build_script_runs_every_stage_and_installs(tmp_path: Path) -> None:
     work, target = tmp_path / "work", tmp_path / "base"
     command = [sys.executable, str(SCRIPT), str(work), "--images", "40", "--vae-steps", "2", "--steps", "2"]
+    command += ["--eval-steps", "2"]  # plumbing only: the real evaluation is tests/test_demo_base.py
     subprocess.run([*command, "--install", str(target)], check=True, capture_output=True)
 
     card = (target / "README.md").read_text(encoding="utf-8")
-    assert "scripts/build_demo_base.py WORK --install demo/base --images 40 --vae-steps 2 --steps 2" in card
+    assert "build_demo_base.py WORK --install demo/base --images 40 --vae-steps 2 --steps 2 --eval-steps 2" in card
+    assert "2 DDPM steps" in card
     build = json.loads((target / "build.json").read_text())
     assert build["steps"] == 2 and build["samples"] == 96 and 0 <= build["accuracy"] <= 1
     config = tomllib.loads((target / "base.toml").read_text(encoding="utf-8"))

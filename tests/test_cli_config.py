@@ -167,11 +167,13 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "height": None,
         "out": Path("o.png"),
         "family": None,
+        "precision": "auto",
     }
     argv = ["sample", "--model", "m", "--lora", "l.safetensors", "--prompt", "p", "--negative-prompt", "n"]
     argv += ["--seed", "3", "--steps", "4", "--guidance", "1.5", "--width", "64", "--height", "32"]
-    argv += ["--out", "o.png", "--family", "hunyuan-dit"]
+    argv += ["--out", "o.png", "--family", "hunyuan-dit", "--precision", "bf16"]
     assert main(argv) == 0
+    assert calls[-1]["precision"] == "bf16"
     assert calls[-1]["lora"] == Path("l.safetensors")
     assert (calls[-1]["seed"], calls[-1]["steps"], calls[-1]["guidance"]) == (3, 4, 1.5)
     assert (calls[-1]["width"], calls[-1]["height"], calls[-1]["family"]) == (64, 32, "hunyuan-dit")
@@ -237,3 +239,42 @@ def test_cli_import_does_not_load_heavy_libraries(project: Path) -> None:
     result = _run(["-c", code], cwd=project)
     assert result.returncode == 0, result.stderr
     assert "HEAVY [] 0" in result.stdout
+
+
+@pytest.mark.parametrize("family", ["hunyuan-dit", "sd3", "pixart-sigma", "flux"])
+def test_config_check_runs_every_check_without_torch(
+    tmp_path: Path, family_models: dict[str, Path], dataset: Path, family: str
+) -> None:
+    """`dittune config check` checks the model folder and family rules without importing torch."""
+    from conftest import write_config
+
+    good = write_config(tmp_path / "good.toml", family_models[family], dataset, tmp_path / "run", family=family)
+    bad = write_config(tmp_path / "bad.toml", tmp_path, dataset, tmp_path / "run", family=family)
+    bad.write_text(
+        bad.read_text().replace('resolution_type = "pixel"\n', 'resolution_type = "pixel"\nbucket_step = 8\n')
+    )
+    code = (
+        "import sys\n"
+        "from dittune.cli.main import main\n"
+        f"ok = main(['config', 'check', {str(good)!r}])\n"
+        f"bad = main(['config', 'check', {str(bad)!r}])\n"
+        "print('RESULT', ok, bad, 'torch' in sys.modules)\n"
+    )
+    result = _run(["-c", code], cwd=tmp_path)
+    assert "RESULT 0 1 False" in result.stdout, result.stdout + result.stderr
+    assert "model.path" in result.stderr and "data.bucket_step" in result.stderr
+    assert "precision" not in result.stderr
+
+
+def test_console_exit_skips_teardown_but_keeps_every_file(tmp_path: Path) -> None:
+    """`python -m dittune` leaves through `os._exit` after `main`: what a command wrote must be complete."""
+    from safetensors.torch import load_file
+
+    from dittune.models.hunyuan_dit.spec import HunyuanDiTSpec
+
+    result = _run(["-m", "dittune", "tiny", "hunyuan-dit", str(tmp_path / "m")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(str(tmp_path / "m"))  # stdout was flushed before the exit
+    assert not HunyuanDiTSpec(tmp_path / "m").inspect().warnings
+    weights = sorted((tmp_path / "m").rglob("*.safetensors"))
+    assert len(weights) == 4 and all(load_file(path) for path in weights)

@@ -27,6 +27,23 @@ def _stock(family: str, model: Path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_facts_are_the_spec_declarations_and_need_no_torch(family: str) -> None:
+    """Preflight reads a family's torch-free facts; the spec class is built on exactly those."""
+    import subprocess
+    import sys
+
+    from dittune.models.registry import facts_class
+
+    facts, spec = facts_class(family), spec_class(family)
+    assert issubclass(spec, facts) and spec.family == facts.family == family
+    for name in ("alignment", "text_encoders", "default_lora_targets", "loss_options", "t5_lengths", "pipeline_class"):
+        assert getattr(spec, name) == getattr(facts, name), name
+    code = f"import sys, dittune.models.registry as r; r.facts_class({family!r}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("resolution", "kind"), [(0.25, "area"), (0.5, "area"), (1.0, "area"), (72, "pixel")])
 def test_sizes_snap_to_the_family_alignment(family: str, resolution: float, kind: str) -> None:
     alignment = spec_class(family).alignment

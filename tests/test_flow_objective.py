@@ -94,7 +94,7 @@ def test_loss_is_zero_for_the_true_velocity_and_weighted_per_sample() -> None:
     noise = torch.randn(3, 4, 4, 4, generator=_gen(7))
     sigmas = torch.tensor([0.1, 0.5, 0.9])
     loss, logs = fo.flow_matching_loss(fo.velocity_target(x0, noise), x0, noise, sigmas)
-    assert loss.item() == 0.0 and logs["loss_mse"] == 0.0
+    assert loss.item() == 0.0 and float(logs["loss_mse"]) == 0.0
     wrong = torch.zeros_like(x0)
     plain, _ = fo.flow_matching_loss(wrong, x0, noise, sigmas, "none")
     per_sample = (noise - x0).square().mean(dim=(1, 2, 3))

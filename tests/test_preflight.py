@@ -7,7 +7,7 @@ import torch
 
 from conftest import write_config
 from dittune.config import load_config
-from dittune.train.preflight import preflight
+from dittune.train.preflight import device_checks, preflight
 
 
 @pytest.fixture
@@ -75,14 +75,28 @@ def test_loss_options_and_text_length_the_family_does_not_use(config):
 
 
 def test_precision_combinations(config):
-    problems = dict(preflight(config("train.mixed_precision=fp16")))
-    if torch.cuda.is_available():
-        assert "train.mixed_precision" not in problems
-    else:  # accelerate would silently run fp16 as fp32 on CPU
-        assert "CUDA" in problems["train.mixed_precision"]
-    problems = dict(preflight(config("model.weight_dtype=bf16")))
+    assert preflight(config("train.mixed_precision=fp16")) == []  # fp16 depends on the device: device_checks
+    problems = dict(device_checks(config("train.mixed_precision=fp16"), "cpu"))
+    assert "CUDA" in problems["train.mixed_precision"]  # accelerate would silently run fp16 as fp32 on CPU
+    assert device_checks(config("train.mixed_precision=fp16"), "cuda") == []
+    problems = dict(device_checks(config("model.weight_dtype=fp16", "train.mixed_precision=fp16"), "cpu"))
+    assert set(problems) == {"train.mixed_precision", "model.weight_dtype"}
+    problems = dict(preflight(config("model.weight_dtype=bf16", "train.mixed_precision=no")))
     assert "autocast" in problems["model.weight_dtype"]
+    problems = dict(preflight(config("model.weight_dtype=bf16", "train.mixed_precision=fp16")))
+    assert "cannot be computed under fp16" in problems["model.weight_dtype"]
     assert preflight(config("model.weight_dtype=bf16", "train.mixed_precision=bf16")) == []
+    assert preflight(config("model.weight_dtype=bf16", "train.mixed_precision=auto")) == []  # auto: bf16
+
+
+def test_train_refuses_fp16_on_cpu_before_loading_anything(config, monkeypatch):
+    from dittune.config.errors import ConfigError
+    from dittune.train import runner, setup
+
+    monkeypatch.setattr(setup, "training_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(setup, "make_accelerator", lambda *a: pytest.fail("must not get this far"))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        runner.run_train(config("train.mixed_precision=fp16"), progress=False)
 
 
 def test_train_refuses_before_loading_anything(config, tmp_path):

@@ -167,6 +167,8 @@ def test_sample_matches_stock_pipeline(tmp_path, tiny_models, variant):
         main(
             [
                 "sample",
+                "--precision",
+                "fp32",
                 "--model",
                 str(model),
                 "--prompt",
@@ -250,6 +252,8 @@ def test_load_lora_matches_the_trained_model(tmp_path, tiny_models, dataset):
         main(
             [
                 "sample",
+                "--precision",
+                "fp32",
                 "--model",
                 str(tiny_models["v1.2"]),
                 "--lora",

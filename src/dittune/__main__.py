@@ -1,6 +1,6 @@
 """`python -m dittune` runs the command line."""
 
-from dittune.cli.main import main
+from dittune.cli.main import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

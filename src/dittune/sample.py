@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 
 from dittune.models.registry import detect_family, spec_class
+from dittune.precision import device_precision
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_sample(
@@ -23,13 +26,25 @@ def run_sample(
     height: int | None = None,
     family: str | None = None,
     lora_scale: float = 1.0,
+    precision: str = "auto",
 ) -> Path:
-    """Generate with the family's stock pipeline (CPU generator seeded with `seed`) and save a PNG."""
+    """Generate with the family's stock pipeline (CPU generator seeded with `seed`) and save a PNG.
+
+    `precision` ("auto", "fp32", "bf16", "fp16") follows the training rule: "auto" is bf16 on GPUs and
+    CPUs that compute it natively, else fp32; half precisions store the weights in that dtype and run
+    under autocast, as validation does.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = device_precision(precision, device)
+    if chosen.name == "fp16" and device.type != "cuda":
+        raise ValueError(f'--precision fp16 needs a CUDA GPU (this is {device.type}); use "auto" or "fp32"')
+    if chosen.warning:
+        print(f"warning: {chosen.warning}")
     spec = spec_class(family or detect_family(model))(model)
     for warning in spec.inspect().warnings:
         print(f"warning: {warning}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = spec.load_pipeline(torch.float32).to(device)
+    dtype = DTYPES[chosen.name]
+    pipeline = spec.load_pipeline(dtype).to(device)
     if lora is not None:
         from dittune.lora import load_lora
 
@@ -41,9 +56,10 @@ def run_sample(
             raise ValueError(f"{name} {value} is not a multiple of {spec.alignment} ({spec.display_name})")
     kwargs = spec.prompt_kwargs(prompt, negative_prompt, width=width, height=height)
     generator = torch.Generator("cpu").manual_seed(seed)
-    image = pipeline(**kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        image = pipeline(**kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
-    print(f"wrote {out} ({width}×{height}, seed {seed}, {steps} steps, guidance {guidance:g})")
+    print(f"wrote {out} ({width}×{height}, seed {seed}, {steps} steps, guidance {guidance:g}, {chosen.name})")
     return out

@@ -9,9 +9,11 @@ Keys hash everything that produced an entry:
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,43 +161,90 @@ def ensure_latents(
     stats.hits = sum(key is not None for key in keys) - missing
     if todo:
         vae = get_vae()
+        chunks = [
+            indices[first : first + batch_size]
+            for indices in todo.values()
+            for first in range(0, len(indices), batch_size)
+        ]
         bar = tqdm(total=missing, desc="Encoding latents", unit="img", disable=not progress)
-        for indices in todo.values():
-            for first in range(0, len(indices), batch_size):
-                chunk = indices[first : first + batch_size]
-                _encode_chunk(spec, store, vae, jobs, keys, chunk, stats, load_errors, compute_dtype, storage_dtype)
+        with _Pipeline(jobs, load_errors) as pipeline:
+            for chunk, (loaded, failures) in zip(chunks, pipeline.loaded(chunks)):
+                for index, reason in failures:
+                    stats.failed.append((jobs[index].source, reason))
+                    keys[index] = None
+                if loaded:
+                    pixels = torch.stack([tensor for _, tensor in loaded])
+                    for (index, _), moments in zip(loaded, spec.encode_pixels(vae, pixels)):
+                        fields = {
+                            "source": str(jobs[index].source),
+                            "geometry": jobs[index].geometry,
+                            "compute": compute_dtype,
+                        }
+                        key = keys[index]
+                        assert key is not None
+                        pipeline.save(store, LATENT, key, _stored(moments, DTYPES[storage_dtype]), fields)
                 bar.update(len(chunk))
+            stats.misses += pipeline.wait_for_writes()
         bar.close()
     stats.seconds = time.perf_counter() - start
     return keys, stats
 
 
-def _encode_chunk(
-    spec: ModelSpec,
-    store: CacheStore,
-    vae: torch.nn.Module,
-    jobs: Sequence[LatentJob],
-    keys: list[str | None],
-    indices: list[int],
-    stats: CacheStats,
-    load_errors: tuple[type[BaseException], ...],
-    compute_dtype: str,
-    storage_dtype: str,
-) -> None:
-    loaded: list[tuple[int, torch.Tensor]] = []
-    for index in indices:
+class _Pipeline:
+    """Loads the next chunk of images on worker threads while the VAE encodes this one, and writes entries on a
+    thread of their own, so decoding, resizing and file writes overlap the encoder instead of adding to it.
+
+    Chunks come back in order; a failed load is reported with its reason, never raised. A failed write is raised
+    by `wait_for_writes`.
+    """
+
+    def __init__(self, jobs: Sequence[LatentJob], load_errors: tuple[type[BaseException], ...]) -> None:
+        self.jobs = jobs
+        self.load_errors = load_errors
+        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        self._loader = ThreadPoolExecutor(workers, thread_name_prefix="dittune-load")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="dittune-write")
+        self._writes: list[Future] = []
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+
+    def _load(self, index: int) -> torch.Tensor | str:
         try:
-            loaded.append((index, jobs[index].load()))
-        except load_errors as error:
-            stats.failed.append((jobs[index].source, str(error)))
-            keys[index] = None
-    if not loaded:
-        return
-    pixels = torch.stack([tensor for _, tensor in loaded])
-    for (index, _), moments in zip(loaded, spec.encode_pixels(vae, pixels)):
-        fields = {"source": str(jobs[index].source), "geometry": jobs[index].geometry, "compute": compute_dtype}
-        store.save(LATENT, keys[index], _stored(moments, DTYPES[storage_dtype]), fields)  # type: ignore[arg-type]
-        stats.misses += 1
+            return self.jobs[index].load()
+        except self.load_errors as error:
+            return str(error)
+
+    def _submit(self, chunk: list[int]) -> list[tuple[int, Future]]:
+        return [(index, self._loader.submit(self._load, index)) for index in chunk]
+
+    def loaded(
+        self, chunks: Sequence[list[int]]
+    ) -> Iterator[tuple[list[tuple[int, torch.Tensor]], list[tuple[int, str]]]]:
+        """Per chunk: (index, pixels) of the images that loaded and (index, reason) of those that did not."""
+        pending = self._submit(chunks[0]) if chunks else []
+        for position in range(len(chunks)):
+            current = pending
+            if position + 1 < len(chunks):
+                pending = self._submit(chunks[position + 1])  # prefetch: loads while this chunk is encoded
+            results = [(index, future.result()) for index, future in current]
+            yield (
+                [(index, value) for index, value in results if isinstance(value, torch.Tensor)],
+                [(index, value) for index, value in results if isinstance(value, str)],
+            )
+
+    def save(self, store: CacheStore, kind: str, key: str, tensors: dict[str, torch.Tensor], fields: dict) -> None:
+        self._writes.append(self._writer.submit(store.save, kind, key, tensors, fields))
+
+    def wait_for_writes(self) -> int:
+        """Entries written; raises the first write error."""
+        for future in self._writes:
+            future.result()
+        return len(self._writes)
 
 
 def release_memory() -> None:

@@ -31,7 +31,7 @@ class ModelSection(Section):
         "auto",
         description=(
             "Storage dtype of frozen weights (text encoders, VAE, and the base denoiser for LoRA). "
-            '"auto": fp32 without mixed precision, else the mixed-precision dtype. '
+            '"auto": follows train.mixed_precision (fp32 when it resolves to fp32, else its dtype). '
             "Trainable parameters are always kept in fp32."
         ),
     )
@@ -217,8 +217,22 @@ class TrainSection(Section):
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW ε.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; unset disables.", gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision through accelerate (fp16 needs a GPU)."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            'Autocast precision through accelerate. "auto": bf16 on CUDA GPUs that support it (fp16 on older '
+            "ones); on a CPU bf16 only where it computes bf16 natively (AMX or AVX512-BF16), else fp32 "
+            '("no"). The start-up summary says what was chosen and why. fp16 needs a GPU.'
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "Regional torch.compile of the denoiser's transformer blocks (training steps only; validation runs "
+            "eagerly). The first step compiles (minutes on a small CPU, which needs a C++ compiler). Measured on "
+            "CPU: a step is 4–20 % faster and the compile pays back after ~600–1,600 steps (a few dozen with a "
+            "warm inductor cache); see benchmarks/README.md. Not measured on GPUs yet."
+        ),
     )
     gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward.")
     caption_dropout: float = Field(

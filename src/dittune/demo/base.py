@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dittune.precision import device_precision
+
 BASE_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "black", "purple", "cyan")
 BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 BASE_SIZES: tuple[tuple[int, int], ...] = ((80, 80), (128, 80), (80, 128), (96, 80), (80, 96))
@@ -100,11 +102,12 @@ def train_vae(
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-6,
     progress: bool = True,
-) -> tuple[Any, dict[str, float]]:
-    """Train `tiny_vae` on random crops (L1 + `kl_weight` × KL, bf16 autocast, cosine LR).
+) -> tuple[Any, dict[str, Any]]:
+    """Train `tiny_vae` on random crops (L1 + `kl_weight` × KL, cosine LR), in bf16 autocast where this
+    CPU computes bf16 natively, else fp32 (the rule of `train.mixed_precision = "auto"`).
 
     Sets `config.scaling_factor` to 1 / std of the latent means over the whole images, and returns
-    the VAE with its final reconstruction numbers.
+    the VAE with its final reconstruction numbers (and the precision, under "precision").
     """
     from tqdm.auto import tqdm
 
@@ -118,11 +121,12 @@ def train_vae(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
+    precision = device_precision("auto", "cpu")
     vae.train()
     bar = tqdm(range(steps), desc="Training VAE", unit="step", disable=not progress)
     for _ in bar:
         pixels = _random_crops(images, batch_size, crop, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.name == "bf16"):
             posterior = vae.encode(pixels).latent_dist
             latents = posterior.sample(generator)
             reconstruction = vae.decode(latents).sample
@@ -135,7 +139,7 @@ def train_vae(
         schedule.step()
         bar.set_postfix(l1=f"{l1.item():.4f}")
     vae.eval()
-    return vae, calibrate_vae(vae, images[:256])
+    return vae, {**calibrate_vae(vae, images[:256]), "precision": precision.name}
 
 
 @torch.no_grad()
@@ -208,7 +212,7 @@ learning_rate = {BASE_LEARNING_RATE}
 lr_scheduler = "cosine"
 lr_warmup_steps = {min(200, steps // 10)}
 weight_decay = 0.0
-mixed_precision = "bf16"
+mixed_precision = "auto"       # bf16 where the CPU computes it natively, else fp32
 caption_dropout = 0.1
 seed = {seed}
 log_every_steps = 10

@@ -16,35 +16,15 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models.facts import FamilyFacts, ModelInfo, TextEncoderSlot
+
+__all__ = ["FamilyFacts", "ModelInfo", "ModelSpec", "TextEncoderSlot"]  # ModelInfo, TextEncoderSlot: from facts
 
 TextEmbedding = dict[str, torch.Tensor]
 """One prompt's encoder outputs, unbatched (e.g. ``{"prompt_embeds": (77, 1024), ...}``)."""
 
 Moments = dict[str, torch.Tensor]
 """One image's cached VAE output, unbatched (e.g. ``{"mean": (4, h, w), "logvar": (4, h, w)}``)."""
-
-
-@dataclass(frozen=True)
-class TextEncoderSlot:
-    """One text encoder and the keys of the text embedding it produces.
-
-    Caption dropout is decided per slot: a dropped slot has its keys replaced by the
-    empty-caption embedding's keys.
-    """
-
-    name: str
-    keys: tuple[str, ...]
-
-
-@dataclass
-class ModelInfo:
-    """What `ModelSpec.inspect` learns from a model folder without loading any weights."""
-
-    family: str
-    version: str
-    path: Path
-    summary: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,8 +52,14 @@ class TrainBatch:
 
 @dataclass
 class LossOutput:
+    """The scalar loss to backpropagate and the terms to log.
+
+    `logs` values are detached 0-d tensors (or plain numbers): the trainer reads them back from the
+    device only at a logging step.
+    """
+
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,36 +83,14 @@ class LossSettings:
     """Guidance-embedding input of guidance-distilled models during training."""
 
 
-class ModelSpec(ABC):
+class ModelSpec(FamilyFacts, ABC):
     """Everything one model family needs: loading, encoding, objective, sampling and export.
 
     A spec instance is bound to one model folder. Construction is cheap (no weights are read);
-    `inspect` reads configs and weight headers only.
+    `inspect` reads configs and weight headers only. The class-level declarations (names, alignment,
+    text encoders, LoRA targets, loss options, `check_folder`) live in the family's torch-free facts
+    class (`dittune.models.facts.FamilyFacts`).
     """
-
-    family: ClassVar[str]
-    """The `model.family` config value."""
-
-    display_name: ClassVar[str]
-    alignment: ClassVar[int]
-    """Image sides must be multiples of this many pixels (buckets snap to it)."""
-
-    text_encoders: ClassVar[tuple[TextEncoderSlot, ...]]
-    default_lora_targets: ClassVar[tuple[str, ...]]
-    denoiser_component: ClassVar[str] = "transformer"
-    """Name of the trained component inside the family's diffusers pipeline."""
-
-    pipeline_class: ClassVar[str]
-    """The family's stock diffusers pipeline class name (as in model_index.json)."""
-
-    denoiser_class: ClassVar[str]
-    """The diffusers class of the trained component."""
-
-    loss_options: ClassVar[frozenset[str]] = frozenset()
-    """The `loss.*` config keys this family's objective uses; setting any other is a preflight error."""
-
-    t5_lengths: ClassVar[tuple[int, int] | None] = None
-    """(default, maximum) tokens of the T5 encoder where `model.t5_max_length` may change them; None: fixed."""
 
     def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
         self.path = Path(path)
@@ -142,11 +106,6 @@ class ModelSpec(ABC):
         return read_json(self.path / self.denoiser_component / "config.json")
 
     # ----------------------------------------------------------------- inspection
-    @classmethod
-    @abstractmethod
-    def check_folder(cls, path: Path) -> list[str]:
-        """Problems with a model folder (missing files, wrong layout), before loading anything."""
-
     @abstractmethod
     def inspect(self) -> ModelInfo:
         """Detect version and settings from configs and weight headers; warn about mismatches."""
@@ -210,6 +169,17 @@ class ModelSpec(ABC):
 
         config = read_json(self.path / "scheduler" / "scheduler_config.json")
         return getattr(diffusers, config["_class_name"]).from_pretrained(self.path / "scheduler")
+
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
+    """Attributes of the denoiser holding its transformer blocks (`nn.ModuleList`s), in call order: the
+    unit of regional compilation (`train.compile`) and of dittune's own block checkpointing."""
+
+    def transformer_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's transformer blocks, from every list in `block_lists`."""
+        missing = [name for name in self.block_lists if not isinstance(getattr(denoiser, name, None), nn.ModuleList)]
+        if missing:
+            raise ValueError(f"{type(denoiser).__name__} has no block list {missing} (see {type(self).__name__})")
+        return [block for name in self.block_lists for block in getattr(denoiser, name)]
 
     def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
         """Per-block recomputation (diffusers' own switch where the model has one)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,7 +28,11 @@ _LOG_FLOOR = 1e-12
 
 @dataclass(frozen=True, eq=False)
 class DDPMTables:
-    """Per-timestep float64 schedule tables, shape (T,), on CPU. Compared by identity."""
+    """Per-timestep float64 schedule tables, shape (T,), on CPU. Compared by identity.
+
+    `on(name, device)` keeps one copy per device, so a training step gathers from the device without a
+    host-to-device copy (which would wait for the device) each time.
+    """
 
     betas: torch.Tensor
     alphas_cumprod: torch.Tensor
@@ -38,6 +42,7 @@ class DDPMTables:
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
     log_betas: torch.Tensor
+    _copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor | Any) -> DDPMTables:
@@ -73,6 +78,15 @@ class DDPMTables:
             raise TypeError(f"{type(scheduler).__name__} has no `betas`; a DDPM-style scheduler is needed")
         return cls.from_betas(betas)
 
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """Table `name` on `device`: float64 (float32 on MPS, which has no float64), copied there once."""
+        key = (name, str(device))
+        table = self._copies.get(key)
+        if table is None:
+            table = getattr(self, name)
+            table = self._copies[key] = (table.to(torch.float32) if device.type == "mps" else table).to(device)
+        return table
+
     @property
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
@@ -86,9 +100,9 @@ class DDPMTables:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Values of table ``name`` at integer timesteps ``t`` (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
-        if name not in {f.name for f in fields(self)}:
+        if name.startswith("_") or name not in {f.name for f in fields(self)}:
             raise KeyError(f"unknown DDPM table {name!r}")
-        values = _index(getattr(self, name), t).to(dtype)
+        values = _index(self, name, t).to(dtype)
         device = t.device if device is None else device
         return values.to(device).reshape(-1, *([1] * (ndim - 1)))
 
@@ -106,12 +120,9 @@ class SchedulerTables:
         return self._tables
 
 
-def _index(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``table[t]`` in float64 where the device supports it (float32 otherwise, e.g. MPS)."""
-    t = t.reshape(-1).long()
-    if t.device.type == "mps":
-        return table.to(torch.float32).to(t.device)[t]
-    return table.to(t.device)[t]
+def _index(tables: DDPMTables, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``tables.<name>[t]`` on t's device, in float64 where the device supports it (float32 otherwise, e.g. MPS)."""
+    return tables.on(name, t.device)[t.reshape(-1).long()]
 
 
 _Getter = Callable[[str], torch.Tensor]
@@ -126,7 +137,7 @@ def _coef(
 ) -> torch.Tensor:
     """Evaluate ``fn(getter)`` on gathered float64 table values, then cast and broadcast like ``like``."""
     idx = t.reshape(-1).long()
-    values = fn(lambda name: _index(getattr(tables, name), idx))
+    values = fn(lambda name: _index(tables, name, idx))
     values = values.to(dtype or like.dtype).to(like.device)
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -273,7 +284,7 @@ def min_snr_weight(
     """
     if gamma <= 0:
         raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
-    acp = _index(tables.alphas_cumprod, t)
+    acp = _index(tables, "alphas_cumprod", t)
     snr = acp / (1.0 - acp)
     clipped = snr.clamp(max=gamma)
     if prediction_type == "v_prediction":
@@ -295,7 +306,7 @@ def learned_sigma_v_loss(
     *,
     vlb: bool,
     min_snr_gamma: float | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """`learned_sigma_loss` for v-prediction (Hunyuan-DiT)."""
     return learned_sigma_loss(
         tables, model_output, x0, x_t, noise, t, vlb=vlb, min_snr_gamma=min_snr_gamma, prediction_type="v_prediction"
@@ -313,8 +324,10 @@ def learned_sigma_loss(
     vlb: bool,
     min_snr_gamma: float | None,
     prediction_type: str,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """The mean-prediction + learned-range-variance objective; returns (scalar loss, logs).
+
+    The logs (``loss_mse``, ``loss_vlb``) are detached 0-d tensors: nothing is read back from the device here.
 
     ``model_output`` has 2C channels: the first C are the mean prediction (v or eps, per
     ``prediction_type``), the last C the variance values. The MSE (optionally min-SNR weighted)
@@ -338,10 +351,10 @@ def learned_sigma_loss(
     if min_snr_gamma is not None:
         mse = mse * min_snr_weight(tables, t, min_snr_gamma, prediction_type).to(mse.device, dtype)
     per_sample = mse
-    vlb_value = 0.0
+    vlb_value: torch.Tensor | float = 0.0
     if vlb:
         vb = vlb_bits(tables, x0, x_t, t, mean_prediction.detach(), var_values, prediction_type)
         per_sample = per_sample + vb
-        vlb_value = vb.detach().mean().item()
+        vlb_value = vb.detach().mean()
     loss = per_sample.mean()
-    return loss, {"loss_mse": mse.detach().mean().item(), "loss_vlb": vlb_value}
+    return loss, {"loss_mse": mse.detach().mean(), "loss_vlb": vlb_value}

@@ -115,14 +115,17 @@ def flow_matching_loss(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     weighting: LossWeighting = "none",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted MSE between the predicted and the true velocity; returns (scalar loss, logs)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """Weighted MSE between the predicted and the true velocity; returns (scalar loss, logs).
+
+    The logs (``loss_mse``, ``sigma_mean``) are detached 0-d tensors: nothing is read back from the device here.
+    """
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     target = velocity_target(x0.to(dtype), noise.to(dtype))
     per_sample = (prediction.to(dtype) - target).square().mean(dim=tuple(range(1, target.ndim)))
     weighted = per_sample * loss_weights(weighting, sigmas).to(per_sample.device, dtype)
     loss = weighted.mean()
-    return loss, {"loss_mse": per_sample.detach().mean().item(), "sigma_mean": sigmas.float().mean().item()}
+    return loss, {"loss_mse": per_sample.detach().mean(), "sigma_mean": sigmas.detach().float().mean()}
 
 
 def training_draw(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dittune.models.base import ModelSpec
+    from dittune.models.facts import FamilyFacts
 
 _FAMILIES: dict[str, str] = {
     "hunyuan-dit": "dittune.models.hunyuan_dit.spec:HunyuanDiTSpec",
@@ -41,12 +42,25 @@ def family_names() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def spec_class(family: str) -> type[ModelSpec]:
-    """The spec class for `family`; raises KeyError with the known names."""
+def facts_class(family: str) -> type[FamilyFacts]:
+    """The torch-free declarations of `family` (its spec class's base): for checks before any model loads."""
+    spec_target = _known(family)
+    module_name = spec_target.partition(":")[0].rsplit(".", 1)[0] + ".facts"
+    module = importlib.import_module(module_name)
+    spec_name = spec_target.partition(":")[2]
+    return getattr(module, spec_name.removesuffix("Spec") + "Facts")
+
+
+def _known(family: str) -> str:
     try:
-        target = _FAMILIES[family]
+        return _FAMILIES[family]
     except KeyError:
         raise KeyError(f"unknown model family {family!r}; known: {', '.join(family_names())}") from None
+
+
+def spec_class(family: str) -> type[ModelSpec]:
+    """The spec class for `family`; raises KeyError with the known names."""
+    target = _known(family)
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
 

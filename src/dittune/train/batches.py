@@ -8,7 +8,8 @@ import torch
 
 from dittune.cache.build import LATENT, TEXT
 from dittune.cache.store import CacheStore
-from dittune.models.base import SampleMeta, TextEncoderSlot, TrainBatch
+from dittune.models.base import SampleMeta, TrainBatch
+from dittune.models.facts import TextEncoderSlot
 from dittune.train.prepare import EMPTY_PROMPT, PreparedData
 
 
@@ -68,4 +69,8 @@ class CachedBatches:
         return TrainBatch(moments=self._stack(moments), text=self._stack(texts), meta=meta)
 
     def _stack(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([e[key] for e in entries]).to(self.device) for key in entries[0]}
+        """Stacked on the CPU, then moved; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+        stacked = {key: torch.stack([e[key] for e in entries]) for key in entries[0]}
+        if self.device.type != "cuda":
+            return {key: value.to(self.device) for key, value in stacked.items()}
+        return {key: value.pin_memory().to(self.device, non_blocking=True) for key, value in stacked.items()}

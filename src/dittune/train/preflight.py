@@ -1,4 +1,7 @@
-"""Checks that need the file system or the family's spec class, run before any model is loaded."""
+"""Checks that need the file system or the family's spec class, run before any model is loaded.
+
+`preflight` never imports torch (`dittune config check` uses it); `device_checks` is given the device.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import importlib.util
 
 from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap
-from dittune.models.registry import family_names, spec_class
+from dittune.models.registry import facts_class, family_names
 
 Problem = tuple[str, str]
 
@@ -22,7 +25,7 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
             ("model.family", f"unknown family {cfg.model.family!r} (known: {', '.join(family_names())}).{hint}")
         )
         return problems + _generic_checks(cfg)
-    spec_cls = spec_class(cfg.model.family)
+    spec_cls = facts_class(cfg.model.family)
     problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
     if cfg.data.bucket_step % spec_cls.alignment:
         nearest = snap(cfg.data.bucket_step, spec_cls.alignment)
@@ -66,17 +69,21 @@ def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
         problems.append(("data.path", f"{cfg.data.path} is not a folder; point it at your images."))
     if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
         problems.append(("output_dir", f"{cfg.output_dir} exists and is not a folder."))
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not cuda:
-        problems.append(("train.mixed_precision", 'fp16 autocast needs a CUDA GPU; use "bf16" or "no" on CPU.'))
     if cfg.model.weight_dtype in ("bf16", "fp16") and cfg.train.mixed_precision == "no":
         problems.append(
             (
                 "model.weight_dtype",
                 f"{cfg.model.weight_dtype} weights need autocast; set train.mixed_precision = "
-                f'"{cfg.model.weight_dtype}" or weight_dtype = "fp32".',
+                f'"{cfg.model.weight_dtype}" (or "auto") or weight_dtype = "fp32".',
+            )
+        )
+    precisions = {cfg.train.mixed_precision, cfg.model.weight_dtype} - {"auto", "no", "fp32"}
+    if len(precisions) > 1:
+        problems.append(
+            (
+                "model.weight_dtype",
+                f"{cfg.model.weight_dtype} weights cannot be computed under {cfg.train.mixed_precision} autocast; "
+                'make them equal, or set weight_dtype = "auto".',
             )
         )
     if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -85,4 +92,18 @@ def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
         problems.append(("train.trackers", 'wandb is not installed: pip install "dittune[wandb]" or drop it.'))
     if cfg.lora.targets is not None and not cfg.lora.targets:
         problems.append(("lora.targets", "an empty list adapts nothing; remove the key for the family default."))
+    return problems
+
+
+def device_checks(cfg: DittuneConfig, device_type: str) -> list[Problem]:
+    """Problems that depend on the device the run will use ("cuda", "cpu", ...), checked when training starts."""
+    problems: list[Problem] = []
+    settings = {"train.mixed_precision": cfg.train.mixed_precision, "model.weight_dtype": cfg.model.weight_dtype}
+    if device_type != "cuda":
+        message = f'fp16 needs a CUDA GPU (this run is on {device_type}); use "auto" instead.'
+        problems += [(key, message) for key, value in settings.items() if value == "fp16"]
+    if cfg.train.compile:
+        from dittune.models.compile import compile_problems  # imports torch: only when asked for
+
+        problems += [("train.compile", message) for message in compile_problems(device_type)]
     return problems

@@ -9,7 +9,7 @@ from typing import Any
 from dittune.config.errors import ConfigError, Problem
 from dittune.config.schema import DittuneConfig
 from dittune.train.checkpoint import STATE_FILE, load_checkpoint, resolve_resume
-from dittune.train.preflight import preflight
+from dittune.train.preflight import device_checks, preflight
 
 RESUME_CRITICAL = (
     ("model", "family"),
@@ -25,8 +25,9 @@ RESUME_CRITICAL = (
 )
 
 
-def check(cfg: DittuneConfig) -> None:
-    problems = preflight(cfg)
+def check(cfg: DittuneConfig, device_type: str | None = None) -> None:
+    """Raise `ConfigError` listing every preflight problem (and the device's, when `device_type` is given)."""
+    problems = preflight(cfg) + (device_checks(cfg, device_type) if device_type else [])
     if problems:
         raise ConfigError([Problem(path, message) for path, message in problems])
 
@@ -57,11 +58,13 @@ def check_resume_compatible(cfg: DittuneConfig, checkpoint: Path) -> None:
 
 def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = True) -> Any:
     """Train as configured; returns the `TrainResult` (final output folder, steps, validation errors)."""
-    from dittune.train.setup import build_run, make_accelerator
+    from dittune.train.setup import build_run, make_accelerator, run_precision, training_device
     from dittune.train.summary import startup_summary
     from dittune.train.trainer import Trainer
 
-    check(cfg)
+    device = training_device()
+    check(cfg, device.type)
+    precision = run_precision(cfg, device)
     resume_path = resolve_resume(cfg.output_dir, resume)
     if resume == "latest" and resume_path is None:
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
@@ -69,8 +72,10 @@ def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = Tr
         check_resume_compatible(cfg, resume_path)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.output_dir / "config.resolved.json").write_text(cfg.model_dump_json(indent=2))
-    accelerator = make_accelerator(cfg)
-    run = build_run(cfg, accelerator, progress=progress, announce=accelerator.print)
+    accelerator = make_accelerator(cfg, precision)
+    if precision.warning:
+        accelerator.print(f"warning: {precision.warning}")
+    run = build_run(cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print)
     start_step = 0
     if resume_path is not None:
         start_step = int(load_checkpoint(accelerator, resume_path)["step"])
@@ -96,15 +101,19 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     import torch
 
     from dittune.train.prepare import fill_caches
-    from dittune.train.setup import load_spec, weight_dtype_name
+    from dittune.train.setup import load_spec, run_precision, weight_dtype_name
 
-    check(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check(cfg, device.type)
+    precision = run_precision(cfg, device)
+    if precision.warning:
+        print(f"warning: {precision.warning}")
     spec, info = load_spec(cfg)
     for warning in info.warnings:
         print(f"warning: {warning}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"Encoding in {weight_dtype_name(cfg, precision)} ({precision.reason})")
     prepared, _ = fill_caches(
-        cfg, spec, device=device, compute_dtype=weight_dtype_name(cfg), keep_vae=False, progress=progress
+        cfg, spec, device=device, compute_dtype=weight_dtype_name(cfg, precision), keep_vae=False, progress=progress
     )
     print(prepared.stats["latents"].line("latents"))
     print(prepared.stats["text"].line("text"))

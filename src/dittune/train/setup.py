@@ -17,6 +17,7 @@ from dittune.data.sampler import BucketBatchSampler
 from dittune.models.base import LossSettings, ModelInfo, ModelSpec
 from dittune.models.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from dittune.models.registry import spec_class
+from dittune.precision import Precision, device_precision
 from dittune.train.optim import build_lr_scheduler, build_optimizer
 from dittune.train.prepare import PreparedData, fill_caches
 
@@ -24,11 +25,24 @@ log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def weight_dtype_name(cfg: DittuneConfig) -> str:
-    """Storage dtype of frozen weights: explicit, or follow mixed precision."""
+def training_device() -> torch.device:
+    """The device accelerate will train on (this process's GPU, else the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def run_precision(cfg: DittuneConfig, device: torch.device | str) -> Precision:
+    """`train.mixed_precision` resolved for `device` ("auto" chosen by the hardware)."""
+    stored = cfg.model.weight_dtype if cfg.model.weight_dtype in ("bf16", "fp16") else None
+    return device_precision(cfg.train.mixed_precision, device, needs=stored)
+
+
+def weight_dtype_name(cfg: DittuneConfig, precision: Precision) -> str:
+    """Storage dtype of frozen weights: explicit, or the resolved compute precision."""
     if cfg.model.weight_dtype != "auto":
         return cfg.model.weight_dtype
-    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.train.mixed_precision]
+    return precision.name
 
 
 def loss_settings(cfg: DittuneConfig, spec: ModelSpec) -> LossSettings:
@@ -80,10 +94,14 @@ class Run:
     loss: LossSettings
     vae: torch.nn.Module | None
     weight_dtype: str
+    precision: Precision
+    compiled_blocks: int = 0
+    """Transformer blocks compiled by `train.compile` (0: eager)."""
     notes: list[str] = field(default_factory=list)
 
 
-def make_accelerator(cfg: DittuneConfig) -> Any:
+def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> Any:
+    """An Accelerator computing in `precision` (default: resolved from the config for this machine)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
@@ -92,9 +110,10 @@ def make_accelerator(cfg: DittuneConfig) -> Any:
     # must be free to choose its own precision. The distributed state itself is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    precision = precision or run_precision(cfg, training_device())
     project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs"))
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=precision.mixed_precision,
         log_with=list(cfg.train.trackers) or None,
         project_config=project,
     )
@@ -105,8 +124,13 @@ def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
     return spec, spec.inspect()
 
 
-def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, announce=print) -> Run:
-    """Everything up to the first step; text encoders are released, the VAE kept on CPU for validation."""
+def build_run(
+    cfg: DittuneConfig, accelerator: Any, *, precision: Precision | None = None, progress: bool = True, announce=print
+) -> Run:
+    """Everything up to the first step; text encoders are released, the VAE kept on CPU for validation.
+
+    `precision` must be the one `accelerator` was made with (default: resolved again from the config).
+    """
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -114,7 +138,8 @@ def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, an
     for warning in info.warnings:
         announce(f"warning: {warning}")
     device = accelerator.device
-    dtype_name = weight_dtype_name(cfg)
+    precision = precision or run_precision(cfg, device)
+    dtype_name = weight_dtype_name(cfg, precision)
     prepared, vae = fill_caches(
         cfg,
         spec,
@@ -146,6 +171,11 @@ def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, an
             param.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         spec.enable_gradient_checkpointing(denoiser)
+    compiled_blocks = 0
+    if cfg.train.compile:
+        from dittune.models.compile import compile_blocks
+
+        compiled_blocks = compile_blocks(spec, denoiser)
     denoiser.to(device).train()
 
     optimizer = build_optimizer(trainable, cfg.train)
@@ -185,6 +215,8 @@ def build_run(cfg: DittuneConfig, accelerator: Any, *, progress: bool = True, an
         loss=loss_settings(cfg, spec),
         vae=vae,
         weight_dtype=dtype_name,
+        precision=precision,
+        compiled_blocks=compiled_blocks,
     )
 
 

@@ -24,6 +24,14 @@ def _validation_lines(run: Run) -> list[str]:
     return [f"Validation {len(val.prompts)} prompt(s) at {width}×{height}{snapped}, {val.steps} steps, {when}"]
 
 
+def _precision_line(run: Run) -> str:
+    """e.g. "fp32 (auto): this CPU has no native bf16 (AVX2); frozen weights fp32"."""
+    precision, asked = run.precision, run.cfg.train.mixed_precision
+    asked_text = "auto" if asked == "auto" else f"train.mixed_precision = {asked!r}"
+    weights = run.weight_dtype if run.cfg.train.method == "lora" else f"{run.weight_dtype} (trained weights fp32)"
+    return f"{precision.name} ({asked_text}): {precision.reason}; frozen weights {weights}"
+
+
 def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
     cfg, info, plan = run.cfg, run.info, run.prepared.plan
     total = sum(p.numel() for p in run.accelerator.unwrap_model(run.denoiser).parameters())
@@ -43,8 +51,9 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         f"           {cfg.train.max_steps} steps × batch {cfg.train.batch_size} × accumulation "
         f"{cfg.train.gradient_accumulation_steps} × {run.accelerator.num_processes} process(es)",
         f"           lr {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}), "
-        f"{cfg.train.optimizer}, precision {cfg.train.mixed_precision}, weights {run.weight_dtype}, "
-        f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"{cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
+        + (f"compiled {run.compiled_blocks} blocks" if run.compiled_blocks else "eager (train.compile off)"),
+        f"Precision  {_precision_line(run)}",
         f"Objective  {run.spec.describe_objective(run.loss)}, caption dropout {cfg.train.caption_dropout:g}",
         *_validation_lines(run),
         f"Device     {run.accelerator.device}",

@@ -80,7 +80,11 @@ class Trainer:
         return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
 
     def optimizer_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], int]:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches; loss and grad norm stay tensors."""
+        """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+        The loss, the objective's logged terms and the grad norm stay tensors on the device (nothing is read
+        back here); `log_step` turns them into numbers.
+        """
         run, cfg = self.run, self.run.cfg
         accumulation = cfg.train.gradient_accumulation_steps
         total = torch.zeros((), device=run.accelerator.device)
@@ -110,10 +114,10 @@ class Trainer:
     ) -> float:
         """Write the metrics of the step just taken; returns its loss.
 
-        Tensors become numbers only here, so steps that are not logged never wait for the device.
+        Tensors become numbers only here (in one read-back), so steps that are not logged never wait for the device.
         """
-        values = {key: float(value) for key, value in logs.items()}
-        loss_value = float(loss)
+        loss_value, *numbers = read_numbers([loss, *logs.values()])
+        values = dict(zip(logs, numbers))
         elapsed = time.perf_counter() - started
         self.metrics.log(self.step, self._metrics(loss_value, values, samples, elapsed))
         return loss_value
@@ -217,3 +221,14 @@ class Trainer:
         )
         save_lora(final / "lora.safetensors", lora_state_dict(denoiser), info)
         return final
+
+
+def read_numbers(values: list[torch.Tensor | float]) -> list[float]:
+    """Python floats of scalar tensors and numbers, with one device read-back for all the tensors."""
+    tensors = [value for value in values if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return [float(value) for value in values]
+    device = tensors[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    read = iter(torch.stack([t.detach().reshape(()).to(device, dtype) for t in tensors]).tolist())
+    return [next(read) if isinstance(value, torch.Tensor) else float(value) for value in values]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,16 +29,12 @@ from dittune.models.base import (
     ModelInfo,
     ModelSpec,
     TextEmbedding,
-    TextEncoderSlot,
     TrainBatch,
 )
-from dittune.models.folder import pipeline_folder_problems, read_json
+from dittune.models.flux.facts import COMPONENTS, FluxFacts
+from dittune.models.folder import read_json
 
 CLIP_LENGTH = 77
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-FLOW_LOSS_OPTIONS = frozenset(
-    {"timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "weighting", "guidance"}
-)
 
 
 @dataclass
@@ -76,28 +71,11 @@ def image_ids(latent_height: int, latent_width: int, device: torch.device, dtype
     return grid.reshape(-1, 3)
 
 
-class FluxSpec(AutoencoderKLFamily, ModelSpec):
-    family = "flux"
-    display_name = "Flux.1"
-    alignment = 16
-    text_encoders = (TextEncoderSlot("clip", ("clip_pooled",)), TextEncoderSlot("t5", ("t5_embeds",)))
-    default_lora_targets = (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    )  # fmt: skip
-    """As diffusers' Flux LoRA script: attention of both block kinds plus the double blocks' MLPs."""
-    denoiser_component = "transformer"
-    denoiser_class = "FluxTransformer2DModel"
-    pipeline_class = "FluxPipeline"
-    loss_options = FLOW_LOSS_OPTIONS
-    t5_lengths = (512, 512)
+class FluxSpec(FluxFacts, AutoencoderKLFamily, ModelSpec):
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    """The double-stream (joint) blocks, then the single-stream ones."""
 
     # ----------------------------------------------------------------- inspection
-    @classmethod
-    def check_folder(cls, path: Path) -> list[str]:
-        return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
     @cached_property
     def scheduler_config(self) -> dict[str, Any]:
         return read_json(self.path / "scheduler" / "scheduler_config.json")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dittune.models.base import ModelInfo
+from dittune.models.facts import ModelInfo
 from dittune.models.folder import pipeline_folder_problems, read_json, weight_keys
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

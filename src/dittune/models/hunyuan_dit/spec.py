@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,11 +22,11 @@ from dittune.models.base import (
     ModelInfo,
     ModelSpec,
     TextEmbedding,
-    TextEncoderSlot,
     TrainBatch,
 )
 from dittune.models.diffusion_objective import SchedulerTables
 from dittune.models.hunyuan_dit import inspect as folder
+from dittune.models.hunyuan_dit.facts import HunyuanDiTFacts
 
 CLIP_LENGTH = 77
 T5_LENGTH = 256
@@ -59,25 +58,8 @@ def rotary_embedding(
     return get_2d_rotary_pos_embed(head_dim, crops, grid, use_real=True, device=device, output_type="pt")
 
 
-class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
-    family = "hunyuan-dit"
-    display_name = "Hunyuan-DiT"
-    alignment = 16
-    text_encoders = (
-        TextEncoderSlot("clip", ("prompt_embeds", "prompt_attention_mask")),
-        TextEncoderSlot("t5", ("prompt_embeds_2", "prompt_attention_mask_2")),
-    )
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-    denoiser_component = "transformer"
-    denoiser_class = "HunyuanDiT2DModel"
-    pipeline_class = "HunyuanDiTPipeline"
-    loss_options = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
-
+class HunyuanDiTSpec(HunyuanDiTFacts, AutoencoderKLFamily, ModelSpec):
     # ----------------------------------------------------------------- inspection
-    @classmethod
-    def check_folder(cls, path: Path) -> list[str]:
-        return folder.folder_problems(path)
-
     def inspect(self) -> ModelInfo:
         return folder.detect(self.path)
 
@@ -141,11 +123,12 @@ class HunyuanDiTSpec(AutoencoderKLFamily, ModelSpec):
         }
 
     # ------------------------------------------------------------------ denoiser
+    block_lists = ("blocks",)
 
     def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
         from dittune.models.checkpointing import enable_block_checkpointing
 
-        enable_block_checkpointing(denoiser.blocks)
+        enable_block_checkpointing(self.transformer_blocks(denoiser))
 
     def image_meta_size(self, batch: TrainBatch, device: torch.device) -> torch.Tensor:
         """(B, 6) in the official training order: original w, h, target w, h, crop left, top."""

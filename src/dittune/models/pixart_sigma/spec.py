@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +26,11 @@ from dittune.models.base import (
     ModelInfo,
     ModelSpec,
     TextEmbedding,
-    TextEncoderSlot,
     TrainBatch,
 )
 from dittune.models.diffusion_objective import SchedulerTables
-from dittune.models.folder import pipeline_folder_problems, read_json
-
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+from dittune.models.folder import read_json
+from dittune.models.pixart_sigma.facts import PixArtSigmaFacts
 
 
 @dataclass
@@ -43,24 +40,8 @@ class PixArtTextEncoders:
     device: torch.device
 
 
-class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
-    family = "pixart-sigma"
-    display_name = "PixArt-Sigma"
-    alignment = 16
-    text_encoders = (TextEncoderSlot("t5", ("prompt_embeds", "prompt_attention_mask")),)
-    default_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                            "attn2.to_v", "attn2.to_out.0")  # fmt: skip
-    denoiser_component = "transformer"
-    denoiser_class = "PixArtTransformer2DModel"
-    pipeline_class = "PixArtSigmaPipeline"
-    loss_options = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
-    t5_lengths = (300, 512)
-
+class PixArtSigmaSpec(PixArtSigmaFacts, AutoencoderKLFamily, ModelSpec):
     # ----------------------------------------------------------------- inspection
-    @classmethod
-    def check_folder(cls, path: Path) -> list[str]:
-        return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
     @cached_property
     def uses_micro_conditions(self) -> bool:
         """The transformer embeds resolution and aspect ratio (diffusers' rule when the key is unset)."""
@@ -167,7 +148,7 @@ class PixArtSigmaSpec(AutoencoderKLFamily, ModelSpec):
         mse = (output - noise).square().mean(dim=(1, 2, 3))
         if settings.min_snr_gamma is not None:
             mse = mse * min_snr_weight(tables, t, settings.min_snr_gamma, "epsilon").to(mse.device)
-        return LossOutput(loss=mse.mean(), logs={"loss_mse": mse.detach().mean().item(), "loss_vlb": 0.0})
+        return LossOutput(loss=mse.mean(), logs={"loss_mse": mse.detach().mean(), "loss_vlb": 0.0})
 
     def micro_conditions(self, batch: TrainBatch, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """added_cond_kwargs: (height, width) and height/width of each sample, as PixArtAlphaPipeline passes."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,17 +27,12 @@ from dittune.models.base import (
     ModelInfo,
     ModelSpec,
     TextEmbedding,
-    TextEncoderSlot,
     TrainBatch,
 )
-from dittune.models.folder import pipeline_folder_problems, read_json
+from dittune.models.folder import read_json
+from dittune.models.sd3.facts import COMPONENTS, SD3Facts
 
 CLIP_LENGTH = 77
-COMPONENTS = (
-    "transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
-    "tokenizer", "tokenizer_2", "tokenizer_3",
-)  # fmt: skip
-FLOW_LOSS_OPTIONS = frozenset({"timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "weighting"})
 
 
 @dataclass
@@ -48,30 +42,8 @@ class SD3TextEncoders:
     device: torch.device
 
 
-class SD3Spec(AutoencoderKLFamily, ModelSpec):
-    family = "sd3"
-    display_name = "Stable Diffusion 3"
-    alignment = 64
-    text_encoders = (
-        TextEncoderSlot("clip_l", ("clip_l_embeds", "clip_l_pooled")),
-        TextEncoderSlot("clip_g", ("clip_g_embeds", "clip_g_pooled")),
-        TextEncoderSlot("t5", ("t5_embeds",)),
-    )
-    default_lora_targets = (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    )  # fmt: skip
-    denoiser_component = "transformer"
-    denoiser_class = "SD3Transformer2DModel"
-    pipeline_class = "StableDiffusion3Pipeline"
-    loss_options = FLOW_LOSS_OPTIONS
-    t5_lengths = (256, 512)
-
+class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
     # ----------------------------------------------------------------- inspection
-    @classmethod
-    def check_folder(cls, path: Path) -> list[str]:
-        return pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-
     @cached_property
     def scheduler_config(self) -> dict[str, Any]:
         return read_json(self.path / "scheduler" / "scheduler_config.json")
