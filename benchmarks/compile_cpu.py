@@ -33,10 +33,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch
 from trainer_overhead import (
-    PRECISIONS,
     RESULTS_DIR,
     build_dataset,
     build_model,
+    check_workload_args,
     machine_line,
     make_config,
     quiet,
@@ -211,18 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep model, data and caches here (default: a temp folder)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/compile-cpu.md")
     args = parser.parse_args(argv)
-    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    for name in args.method_list:
-        if name not in ("lora", "full"):
-            parser.error(f"--methods: unknown method {name!r}")
-    for name in args.precision_list:
-        if name not in PRECISIONS:
-            parser.error(f"--precisions: unknown precision {name!r}")
-    if args.size % 16 or args.size < 64:
-        parser.error("--size must be a multiple of 16, at least 64")
-    if args.images < args.batch_size:
-        parser.error("--images must be at least --batch-size")
+    check_workload_args(parser, args)
     args.compile_options = {"mode": args.mode} if args.mode else {}
     return args
 

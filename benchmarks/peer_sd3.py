@@ -81,21 +81,9 @@ def transformer_config(hidden: int, layers: int, size: int) -> dict[str, Any]:
 
 def build_model(folder: Path, hidden: int, layers: int, size: int) -> Path:
     """The tiny SD3 pipeline (tokenizers, encoders, VAE, scheduler) with a larger transformer; reused if present."""
-    import torch
-    from diffusers import SD3Transformer2DModel
+    from trainer_overhead import with_larger_transformer
 
-    from dittune.models.sd3.tiny import build_tiny_sd3
-
-    if (folder / "transformer" / "config.json").is_file() and (folder / "model_index.json").is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    build_tiny_sd3(folder, "sd3", seed=0)
-    shutil.rmtree(folder / "transformer")
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**transformer_config(hidden, layers, size)).save_pretrained(
-        folder / "transformer", safe_serialization=True
-    )
-    return folder
+    return with_larger_transformer(folder, "sd3", "sd3", transformer_config(hidden, layers, size))
 
 
 def build_datasets(root: Path, size: int, count: int) -> tuple[Path, Path]:

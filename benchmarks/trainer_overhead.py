@@ -73,22 +73,27 @@ def transformer_config(hidden: int, layers: int, size: int) -> dict[str, Any]:
     }
 
 
-def build_model(folder: Path, hidden: int, layers: int, size: int) -> Path:
-    """The tiny pipeline (tokenizers, encoders, VAE, scheduler) with a larger transformer; reused if present."""
-    from diffusers import HunyuanDiT2DModel
+def with_larger_transformer(folder: Path, family: str, variant: str, config: dict) -> Path:
+    """`dittune tiny FAMILY` (tokenizers, encoders, VAE, scheduler) with its transformer replaced by one built
+    from `config` (random weights, seed 0); reused if present. Shared by the benchmarks that need a bigger model."""
+    import diffusers
 
-    from dittune.models.hunyuan_dit.tiny import build_tiny_hunyuan_dit
+    from dittune.models.registry import spec_class, tiny_builder
 
     if (folder / "transformer" / "config.json").is_file() and (folder / "model_index.json").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    build_tiny_hunyuan_dit(folder, "v1.2", seed=0)
+    tiny_builder(family)(folder, variant=variant, seed=0)
     shutil.rmtree(folder / "transformer")
     torch.manual_seed(0)
-    HunyuanDiT2DModel(**transformer_config(hidden, layers, size)).save_pretrained(
-        folder / "transformer", safe_serialization=True
-    )
+    model_class = getattr(diffusers, spec_class(family).denoiser_class)
+    model_class(**config).save_pretrained(folder / "transformer", safe_serialization=True)
     return folder
+
+
+def build_model(folder: Path, hidden: int, layers: int, size: int) -> Path:
+    """The tiny Hunyuan-DiT pipeline with a larger transformer; reused if present."""
+    return with_larger_transformer(folder, "hunyuan-dit", "v1.2", transformer_config(hidden, layers, size))
 
 
 def build_dataset(folder: Path, size: int, count: int) -> Path:
@@ -462,6 +467,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/trainer_overhead-<dev>.md")
     parser.add_argument("--compile", action="store_true", help="compile the transformer blocks (train.compile)")
     args = parser.parse_args(argv)
+    check_workload_args(parser, args)
+    return args
+
+
+def check_workload_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Split --methods/--precisions into `method_list`/`precision_list` and check them and the sizes."""
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
     for name in args.method_list:
@@ -474,7 +485,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--size must be a multiple of 16, at least 64")
     if args.images < args.batch_size:
         parser.error("--images must be at least --batch-size")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
