@@ -34,6 +34,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch
 from trainer_overhead import (
     RESULTS_DIR,
+    add_workload_args,
     build_dataset,
     build_model,
     check_workload_args,
@@ -197,13 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per measurement block (default 1)")
     parser.add_argument("--rounds", type=int, default=12, help="alternating eager/compiled rounds (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each run after the first (default 2)")
-    parser.add_argument("--methods", default="lora,full", help="comma list of lora, full (default both)")
-    parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16, fp32 (default both)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels, one square bucket (default 256)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
-    parser.add_argument("--hidden", type=int, default=384, help="transformer width, multiple of 64 (default 384)")
-    parser.add_argument("--layers", type=int, default=8, help="transformer blocks (default 8)")
-    parser.add_argument("--images", type=int, default=8, help="images in the dataset (default 8)")
+    add_workload_args(parser)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing on")
     parser.add_argument("--mode", help="torch.compile mode (default: torch's default)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

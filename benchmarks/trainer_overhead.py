@@ -454,13 +454,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per measurement block (default 1)")
     parser.add_argument("--rounds", type=int, default=16, help="alternating ours/bare rounds per config (default 16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each path first (default 2)")
-    parser.add_argument("--methods", default="lora,full", help="comma list of lora, full (default both)")
-    parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16, fp32 (default both)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels, one square bucket (default 256)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
-    parser.add_argument("--hidden", type=int, default=384, help="transformer width, multiple of 64 (default 384)")
-    parser.add_argument("--layers", type=int, default=8, help="transformer blocks (default 8)")
-    parser.add_argument("--images", type=int, default=8, help="images in the dataset (default 8)")
+    add_workload_args(parser)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also cProfile the parts of our step (after timing)")
     parser.add_argument("--workdir", type=Path, help="keep model, data and caches here (default: a temp folder)")
@@ -469,6 +463,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_workload_args(parser, args)
     return args
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The options that size the workload (methods, precisions, image size, batch, model width and depth)."""
+    parser.add_argument("--methods", default="lora,full", help="comma list of lora, full (default both)")
+    parser.add_argument("--precisions", default="bf16,fp32", help="comma list of bf16, fp32 (default both)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels, one square bucket (default 256)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    parser.add_argument("--hidden", type=int, default=384, help="transformer width, multiple of 64 (default 384)")
+    parser.add_argument("--layers", type=int, default=8, help="transformer blocks (default 8)")
+    parser.add_argument("--images", type=int, default=8, help="images in the dataset (default 8)")
 
 
 def check_workload_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
+from dittune.cache.build import DTYPES
 from dittune.models.registry import detect_family, spec_class
 from dittune.precision import device_precision
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_sample(

@@ -98,12 +98,11 @@ def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = Tr
 
 def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     """Build or refresh the caches only; returns the `PreparedData`."""
-    import torch
 
     from dittune.train.prepare import fill_caches
-    from dittune.train.setup import load_spec, run_precision, weight_dtype_name
+    from dittune.train.setup import load_spec, run_precision, training_device, weight_dtype_name
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device()
     check(cfg, device.type)
     precision = run_precision(cfg, device)
     if precision.warning:
