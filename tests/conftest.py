@@ -105,3 +105,28 @@ def _toml(value: object) -> str:
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+def make_clip(path: Path, frames: int, fps: float = 8.0, size: tuple[int, int] = (64, 64), colour: str = "red") -> Path:
+    """An H.264 clip of a `colour` disc moving left to right over `frames` frames (needs PyAV)."""
+    from dittune.media import write_frames
+
+    width, height = size
+    images = []
+    for index in range(frames):
+        image = Image.new("RGB", size, (255, 255, 255))
+        x = width // 8 + (width // 2) * index // max(1, frames - 1)
+        ImageDraw.Draw(image).ellipse([x, height // 4, x + width // 3, height // 4 + height // 3], COLOURS[colour])
+        images.append(image)
+    return write_frames(images, path, fps)
+
+
+def make_video_dataset(
+    root: Path, frames: int = 9, fps: float = 8.0, colours: tuple[str, ...] = ("red", "blue"), size=(64, 64)
+) -> Path:
+    """One clip per colour (`name.mp4` + `name.txt`); returns `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in colours:
+        make_clip(root / f"{name}.mp4", frames, fps, size, name)
+        (root / f"{name}.txt").write_text(f"a {name} ball rolling to the right")
+    return root

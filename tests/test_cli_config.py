@@ -168,6 +168,9 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "out": Path("o.png"),
         "family": None,
         "precision": "auto",
+        "frames": None,
+        "fps": None,
+        "image": None,
     }
     argv = ["sample", "--model", "m", "--lora", "l.safetensors", "--prompt", "p", "--negative-prompt", "n"]
     argv += ["--seed", "3", "--steps", "4", "--guidance", "1.5", "--width", "64", "--height", "32"]
@@ -177,6 +180,10 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert calls[-1]["lora"] == Path("l.safetensors")
     assert (calls[-1]["seed"], calls[-1]["steps"], calls[-1]["guidance"]) == (3, 4, 1.5)
     assert (calls[-1]["width"], calls[-1]["height"], calls[-1]["family"]) == (64, 32, "hunyuan-dit")
+    assert main(["sample", "--model", "m", "--prompt", "p", "--out", "o.mp4", "--frames", "9", "--fps", "12"]) == 0
+    assert (calls[-1]["frames"], calls[-1]["fps"], calls[-1]["out"]) == (9, 12.0, Path("o.mp4"))
+    assert main(["sample", "--model", "m", "--prompt", "p", "--out", "o.gif", "--image", "first.png"]) == 0
+    assert calls[-1]["image"] == Path("first.png")
 
 
 def test_user_errors_from_handlers_are_one_line(

@@ -150,19 +150,19 @@ def test_plan_groups_samples_by_bucket_with_keys() -> None:
     plan = plan_dataset(reversed(mixed_records()), ROOT, batch_size=2, incomplete_batches="keep", **PLAN_OPTIONS)
     assert [sample.key for sample in plan.samples][:2] == ["sq/0.png", "sq/1.png"]
     assert {bucket: len(indices) for bucket, indices in plan.buckets.items()} == {
-        (512, 512): 5,
-        (512, 768): 1,
-        (768, 512): 2,
+        (512, 512, 1): 5,
+        (512, 768, 1): 1,
+        (768, 512, 1): 2,
     }
     for bucket, indices in plan.buckets.items():
-        assert all(plan.samples[index].placement.bucket == bucket for index in indices)
+        assert all(plan.samples[index].placement.shape == bucket for index in indices)
     assert plan.dropped_for_batch == {}
 
 
 def test_plan_counts_drops_and_the_report_shows_them() -> None:
     skipped = [Skipped(ROOT / "broken.png", "cannot identify image file")]
     plan = plan_dataset(mixed_records(), ROOT, batch_size=2, incomplete_batches="drop", skipped=skipped, **PLAN_OPTIONS)
-    assert plan.dropped_for_batch == {(512, 512): 1, (512, 768): 1}
+    assert plan.dropped_for_batch == {(512, 512, 1): 1, (512, 768, 1): 1}
 
     report = format_bucket_report(plan, batch_size=2)
     lines = report.splitlines()
@@ -209,7 +209,7 @@ def test_remove_samples_moves_them_to_skipped_and_reindexes() -> None:
         "wide/0.png",
         "wide/1.png",
     ]
-    assert smaller.buckets == {(512, 512): [0, 1, 2, 3], (768, 512): [4, 5]}
+    assert smaller.buckets == {(512, 512, 1): [0, 1, 2, 3], (768, 512, 1): [4, 5]}
     assert smaller.dropped_for_batch == {}
     assert {(entry.path.name, entry.reason) for entry in smaller.skipped} == {
         ("1.png", "image file is truncated"),

@@ -3,8 +3,10 @@
 Keys hash everything that produced an entry:
 - text: the prompt, the spec's text identity (tokenizer and encoder fingerprints, max lengths,
   padding), the encoders' compute dtype and the storage dtype;
-- latents: the source file fingerprint, the geometry (bucket, resize, crop, flip, resize method),
-  the spec's VAE identity, the VAE compute dtype and the storage dtype.
+- latents: the source file fingerprint, the geometry (bucket, resize, crop, flip, resize method; for a
+  clip also the chosen source frames, its rate and the decoder version: what the frame count, fps,
+  sampling mode and start frame decide), the spec's VAE identity (plus tiling when on), the VAE compute
+  dtype and the storage dtype.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ class LatentJob:
 
     source: Path
     geometry: dict[str, Any]
-    group: tuple[int, int]
+    group: tuple[int, ...]
+    """Jobs of one group have the same tensor shape and are encoded together: (width, height, frames)."""
     load: Callable[[], torch.Tensor]
+    """Returns (3, F, H, W) pixels in [-1, 1] (F = 1 for a still)."""
 
 
 def _stored(tensors: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:
@@ -133,15 +137,16 @@ def ensure_latents(
     batch_size: int,
     load_errors: tuple[type[BaseException], ...] = (OSError, ValueError),
     progress: bool = True,
+    vae_options: dict[str, Any] | None = None,
 ) -> tuple[list[str | None], CacheStats]:
     """Make sure every job has cached VAE moments; returns one key per job (None if it failed).
 
     Failed loads (corrupt or truncated files) are reported in the stats, never raised. The VAE is
     requested from `get_vae` only when something is missing. `load_errors` are the exception types
-    a job's loader raises for a bad image.
+    a job's loader raises for a bad image. `vae_options` (e.g. tiling) join the VAE identity in the keys.
     """
     start = time.perf_counter()
-    identity = spec.vae_identity(fingerprinter)
+    identity = {**spec.vae_identity(fingerprinter), **(vae_options or {})}
     keys: list[str | None] = []
     stats = CacheStats()
     for job in jobs:
@@ -153,7 +158,7 @@ def ensure_latents(
             continue
         keys.append(latent_key(identity, source, job.geometry, compute_dtype, storage_dtype))
     fingerprinter.save()
-    todo: dict[tuple[int, int], list[int]] = defaultdict(list)
+    todo: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, key in enumerate(keys):
         if key is not None and not store.contains(LATENT, key):
             todo[jobs[index].group].append(index)
@@ -161,12 +166,10 @@ def ensure_latents(
     stats.hits = sum(key is not None for key in keys) - missing
     if todo:
         vae = get_vae()
-        chunks = [
-            indices[first : first + batch_size]
-            for indices in todo.values()
-            for first in range(0, len(indices), batch_size)
-        ]
-        bar = tqdm(total=missing, desc="Encoding latents", unit="img", disable=not progress)
+        clips = any(job.group[2:] not in ((), (1,)) for job in jobs)
+        # Clips are encoded one at a time (bounded memory, progress per clip); stills in batches.
+        chunks = [chunk for indices in todo.values() for chunk in _split(indices, 1 if clips else batch_size)]
+        bar = tqdm(total=missing, desc="Encoding latents", unit="clip" if clips else "img", disable=not progress)
         with _Pipeline(jobs, load_errors) as pipeline:
             for chunk, (loaded, failures) in zip(chunks, pipeline.loaded(chunks)):
                 for index, reason in failures:
@@ -188,6 +191,10 @@ def ensure_latents(
         bar.close()
     stats.seconds = time.perf_counter() - start
     return keys, stats
+
+
+def _split(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[first : first + size] for first in range(0, len(indices), size)]
 
 
 class _Pipeline:

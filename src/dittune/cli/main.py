@@ -72,6 +72,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         out=Path(args.out),
         family=args.family,
         precision=args.precision,
+        frames=args.frames,
+        fps=args.fps,
+        image=Path(args.image) if args.image is not None else None,
     )
     return EXIT_OK
 
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cache)
     cache.set_defaults(handler=_cmd_cache)
 
-    sample = commands.add_parser("sample", help="generate one image from a model folder (and a LoRA)")
+    sample = commands.add_parser("sample", help="generate one image or clip from a model folder (and a LoRA)")
     sample.add_argument("--model", required=True, metavar="DIR", help="model folder in diffusers layout")
     sample.add_argument("--lora", metavar="FILE", help="LoRA weights to apply")
     sample.add_argument("--prompt", required=True, metavar="TEXT")
@@ -162,7 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=float, default=5.0, metavar="F")
     sample.add_argument("--width", type=int, default=None, metavar="W")
     sample.add_argument("--height", type=int, default=None, metavar="H")
-    sample.add_argument("--out", required=True, metavar="FILE.png")
+    sample.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.png (an image; for a clip a lossless strip of all frames, frame 0 at the left), .mp4, .gif or .webp",
+    )
+    sample.add_argument("--frames", type=int, default=None, metavar="N", help="clip length (video families)")
+    sample.add_argument("--fps", type=float, default=None, metavar="F", help="frame rate (video families)")
+    sample.add_argument("--image", default=None, metavar="FILE", help="conditioning image (image-to-video)")
     sample.add_argument("--family", default=None, metavar="NAME", help="model family (default: detected)")
     sample.add_argument(
         "--precision",

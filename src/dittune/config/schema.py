@@ -97,6 +97,34 @@ class DataSection(Section):
         ),
     )
     repeats: int = Field(1, description="Times each image appears per epoch.", ge=1)
+    frames: int | None = Field(
+        None,
+        description=(
+            "Frames per training clip (video families), snapped down to the family's rule (4k+1 for HunyuanVideo "
+            "and CogVideoX 1.0, 8k+1 for CogVideoX 1.5 and LTX-Video); the bucket report says what was snapped. "
+            "Default: 49 for video families; image families train on single frames."
+        ),
+        ge=1,
+    )
+    fps: float | None = Field(
+        None,
+        description="Resample clips to this frame rate before choosing frames; unset keeps each clip's own rate.",
+        gt=0,
+    )
+    frame_sampling: Literal["start", "middle", "uniform"] = Field(
+        "start",
+        description=(
+            'Which frames a clip uses: "start" (from the first frame), "middle" (centred), or "uniform" '
+            "(spread evenly over the whole clip, ignoring data.fps)."
+        ),
+    )
+    short_clips: Literal["skip", "shorten"] = Field(
+        "skip",
+        description=(
+            'Clips with fewer frames than data.frames: "skip" them (listed in the report with both counts) or '
+            '"shorten": train them at the longest valid length they have (their own frame bucket).'
+        ),
+    )
     shuffle: bool = Field(True, description="Shuffle batches each epoch (deterministic given train.seed).")
 
 
@@ -121,6 +149,13 @@ class CacheSection(Section):
     text_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Stored dtype of text embeddings.")
     vae_batch_size: int = Field(4, description="Images per VAE encoding batch.", ge=1)
     text_batch_size: int = Field(16, description="Captions per text-encoder batch.", ge=1)
+    vae_tiling: bool = Field(
+        False,
+        description=(
+            "Encode (and decode validation clips) with the VAE's tiling and slicing where it has them: less memory "
+            "for large clips, slightly different latents (part of the cache key)."
+        ),
+    )
     latent_sampling: Literal["sample", "mode"] = Field(
         "sample",
         description=(
@@ -182,6 +217,15 @@ class LossSection(Section):
             "1.0 as most Flux trainers use."
         ),
         ge=0,
+    )
+    first_frame_p: float = Field(
+        0.1,
+        description=(
+            "LTX-Video: probability per sample of first-frame conditioning while training (that frame kept clean "
+            "and left out of the loss), so the LoRA also works image-to-video."
+        ),
+        ge=0,
+        le=1,
     )
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none", description='Per-σ loss weight of flow-matching families: "none", "sigma_sqrt" (σ⁻²) or "cosmap".'
@@ -263,6 +307,27 @@ class ValidationSection(Section):
     seed: int = Field(0, description="Seed of the CPU generator; prompt i uses seed + i.")
     width: int | None = Field(None, description="Image width; default: the square bucket of data.resolution.", gt=0)
     height: int | None = Field(None, description="Image height; default: the square bucket of data.resolution.", gt=0)
+    frames: int | None = Field(
+        None,
+        description=(
+            "Frames per validation clip (video families; snapped down to the family's rule). Default: data.frames."
+        ),
+        ge=1,
+    )
+    fps: float | None = Field(
+        None,
+        description=(
+            "Frame rate of written clips (and LTX-Video's rate conditioning). Default: data.fps, else the family's."
+        ),
+        gt=0,
+    )
+    images: list[PathValue] = Field(
+        default_factory=list,
+        description=(
+            "Image-to-video: one conditioning image per prompt (same order as prompts). Required by I2V models; "
+            "LTX-Video then samples with LTXImageToVideoPipeline."
+        ),
+    )
     steps: int = Field(20, description="Denoising steps.", ge=1)
     guidance: float = Field(5.0, description="Classifier-free guidance scale (≤ 1 disables).", ge=0)
     at_start: bool = Field(True, description="Also sample before training (step 0), for comparison.")
@@ -298,6 +363,11 @@ class DittuneConfig(Section):
             )
         if self.train.init == "random" and self.train.method != "full":
             raise ValueError('train.init: "random" needs train.method = "full" (a LoRA on random weights is useless).')
+        if self.validation.images and len(self.validation.images) != len(self.validation.prompts):
+            raise ValueError(
+                f"validation.images: {len(self.validation.images)} image(s) for {len(self.validation.prompts)} "
+                "prompt(s); give one conditioning image per prompt."
+            )
         for name, p in self.train.caption_dropout_per_encoder.items():
             if not 0 <= p <= 1:
                 raise ValueError(f"train.caption_dropout_per_encoder.{name}: {p} is not a probability in [0, 1].")

@@ -1,11 +1,15 @@
-"""Find training images and their captions in a data folder.
+"""Find training images (and, for video families, clips) and their captions in a data folder.
 
 Three layouts are understood, checked in this order:
 
 1. ``metadata.jsonl``: one JSON object per line with ``file_name`` (relative to the folder) and ``text``.
 2. ``metadata.csv``: a header row containing ``file_name`` and ``text``.
-3. A plain folder, searched recursively: every image file with a same-stem caption file next to it
-   (``photo.png`` + ``photo.txt``). Files and folders whose names start with "." are ignored.
+3. A plain folder, searched recursively: every image (or video) file with a same-stem caption file next
+   to it (``photo.png`` + ``photo.txt``). Files and folders whose names start with "." are ignored.
+
+With `video=True` the video suffixes (``.mp4 .webm .mov .mkv .gif`` ...) are clips, probed through PyAV
+for their size, frame count and timestamps; still images in the same folder become 1-frame clips. With
+`video=False` a video file is listed as skipped (the family trains on images), and a GIF is a still.
 
 A bad input (unreadable image, missing file, broken metadata line) never raises: it is returned as a
 `Skipped` with a reason for the user. Only problems that make the whole dataset unusable raise `DataError`.
@@ -25,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from dittune.data.types import ImageRecord, Skipped
+from dittune.data.video import VIDEO_EXTENSIONS, VideoInfo, VideoSupportMissing, probe_video, require_av
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """Suffixes (lower case) picked up by the folder scan."""
@@ -55,7 +60,7 @@ class _Candidate:
 
 
 def discover(
-    root: Path, caption_extension: str = ".txt", missing_caption: str = "skip"
+    root: Path, caption_extension: str = ".txt", missing_caption: str = "skip", video: bool = False
 ) -> tuple[list[ImageRecord], list[Skipped]]:
     """Return the usable images under `root` (sorted by relative path) and the skipped inputs.
 
@@ -77,7 +82,7 @@ def discover(
     elif (root / METADATA_CSV).is_file():
         candidates = _from_csv(root, root / METADATA_CSV, skipped)
     else:
-        candidates = _from_folder(root, _normalise_extension(caption_extension), skipped)
+        candidates = _from_folder(root, _normalise_extension(caption_extension), skipped, video)
 
     captioned: list[tuple[_Candidate, str]] = []
     for candidate in sorted(candidates, key=lambda c: c.rel):
@@ -94,16 +99,29 @@ def discover(
             skipped.append(Skipped(candidate.path, candidate.missing_caption_reason))
 
     records: list[ImageRecord] = []
-    for (candidate, caption), size_or_reason in zip(captioned, _check_images([c.path for c, _ in captioned])):
-        if isinstance(size_or_reason, str):
-            skipped.append(Skipped(candidate.path, size_or_reason))
+    checked = _check_media([c.path for c, _ in captioned], video)
+    for (candidate, caption), found in zip(captioned, checked):
+        if isinstance(found, str):
+            skipped.append(Skipped(candidate.path, found))
+        elif isinstance(found, tuple):
+            records.append(ImageRecord(candidate.path, caption, *found))
         else:
-            width, height = size_or_reason
-            records.append(ImageRecord(candidate.path, caption, width, height))
+            records.append(
+                ImageRecord(
+                    candidate.path,
+                    caption,
+                    found.width,
+                    found.height,
+                    found.frames,
+                    found.fps,
+                    found.variable_rate,
+                    found.times,
+                )
+            )
 
     skipped.sort(key=lambda s: (s.path.as_posix(), s.reason))
     if not records:
-        raise DataError(_nothing_usable_message(root, skipped))
+        raise DataError(_nothing_usable_message(root, skipped, video))
     return records, skipped
 
 
@@ -134,13 +152,27 @@ def check_image(path: Path) -> tuple[int, int] | str:
     return width, height
 
 
-def _check_images(paths: list[Path]) -> list[tuple[int, int] | str]:
-    """`check_image` for each path, in order (threads only speed up the I/O and decoding)."""
+def is_clip(path: Path, video: bool) -> bool:
+    """Whether `path` is read as a video: a video suffix, for a family that trains on clips."""
+    return video and path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _check_media(paths: list[Path], video: bool) -> list[tuple[int, int] | VideoInfo | str]:
+    """`check_image` or `probe_video` for each path, in order (threads only speed up the I/O and decoding)."""
+    if any(is_clip(path, video) for path in paths):
+        try:
+            require_av()
+        except VideoSupportMissing as error:
+            raise DataError(f"data.path contains videos, but {error}.") from None
+
+    def check(path: Path) -> tuple[int, int] | VideoInfo | str:
+        return probe_video(path) if is_clip(path, video) else check_image(path)
+
     if len(paths) < 2:
-        return [check_image(path) for path in paths]
+        return [check(path) for path in paths]
     threads = min(_MAX_CHECK_THREADS, os.cpu_count() or 1, len(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(check_image, paths))
+        return list(pool.map(check, paths))
 
 
 def _exif_orientation(image: Image.Image) -> int | None:
@@ -162,11 +194,16 @@ def _is_hidden(rel_parts: tuple[str, ...]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
-def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped]) -> list[_Candidate]:
+def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped], video: bool) -> list[_Candidate]:
     candidates: list[_Candidate] = []
+    suffixes = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     for path in sorted(root.rglob("*")):
         rel_path = path.relative_to(root)
-        if _is_hidden(rel_path.parts) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+        suffix = path.suffix.lower()
+        if _is_hidden(rel_path.parts) or suffix not in suffixes or not path.is_file():
+            continue
+        if suffix not in IMAGE_EXTENSIONS and not video:
+            skipped.append(Skipped(path, "a video file; this model family trains on still images"))
             continue
         caption_path = path.with_suffix(caption_extension)
         caption: str | None = None
@@ -175,13 +212,27 @@ def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped]) -> 
             try:
                 caption = caption_path.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError:
-                skipped.append(Skipped(path, f"caption file {caption_path.name} is not UTF-8 text"))
+                skipped.append(Skipped(path, _not_utf8_reason(caption_path)))
                 continue
             except OSError as error:
                 skipped.append(Skipped(path, f"cannot read caption file {caption_path.name} ({error})"))
                 continue
         candidates.append(_Candidate(path, rel_path.as_posix(), caption, reason))
     return candidates
+
+
+def _not_utf8_reason(caption_path: Path) -> str:
+    """Why a caption file was refused: where its first non-UTF-8 byte is, and the fix."""
+    data = caption_path.read_bytes()
+    try:
+        data.decode("utf-8")
+        position, byte = 0, 0
+    except UnicodeDecodeError as error:
+        position, byte = error.start, data[error.start]
+    return (
+        f"caption file {caption_path.name} is not UTF-8 text (byte 0x{byte:02x} at offset {position}, "
+        "e.g. Latin-1); save it as UTF-8"
+    )
 
 
 def _from_jsonl(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candidate]:
@@ -269,10 +320,12 @@ def _rows_to_candidates(
     return candidates
 
 
-def _nothing_usable_message(root: Path, skipped: list[Skipped]) -> str:
+def _nothing_usable_message(root: Path, skipped: list[Skipped], video: bool) -> str:
     if not skipped:
+        kinds = "images or videos" if video else "images"
+        suffixes = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
         return (
-            f"data.path: no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+            f"data.path: no {kinds} found in {root} (looked for {', '.join(sorted(suffixes))}, "
             f"or a {METADATA_JSONL} / {METADATA_CSV} listing them)."
         )
     shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:_REASONS_SHOWN_IN_ERRORS])

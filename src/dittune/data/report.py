@@ -4,18 +4,36 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dittune.data.buckets import assign_bucket, bucket_sizes, place
 from dittune.data.discover import DataError
-from dittune.data.types import ImageRecord, Placement, Skipped
+from dittune.data.types import Bucket, ImageRecord, Placement, Skipped
+from dittune.data.video import VideoInfo, available_frames, select_frames
+from dittune.models.facts import STILL, FrameRule
 
 INCOMPLETE_BATCH_MODES = ("keep", "drop")
+SHORT_CLIP_MODES = ("skip", "shorten")
 MAX_SKIPPED_LISTED = 50
+MAX_NOTES_LISTED = 20
 _FAILED_DECODE_REASON = "failed to decode"
 
-Bucket = tuple[int, int]
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """How clips become samples: `frames` per sample (snapped down to `rule`), resampled to `fps` (None keeps
+    the source rate), chosen by `sampling`; clips too short are skipped or trained at a shorter valid length."""
+
+    rule: FrameRule = STILL
+    frames: int = 1
+    fps: float | None = None
+    sampling: str = "start"
+    short_clips: str = "skip"
+
+    @property
+    def target(self) -> int:
+        return self.rule.snap_down(self.frames)
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class DatasetPlan:
     batch_size: int = 1
     repeats: int = 1
     incomplete_batches: str = "keep"
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know that did not skip a sample (snapped frame counts, variable frame rates)."""
 
 
 def plan_dataset(
@@ -60,24 +80,71 @@ def plan_dataset(
     incomplete_batches: str,
     skipped: Iterable[Skipped] = (),
     repeats: int = 1,
+    clips: ClipOptions = ClipOptions(),
 ) -> DatasetPlan:
-    """Assign every record a bucket and a crop, sorted by key; raise `DataError` if no batch can be formed."""
+    """Assign every record a bucket, a crop and (for a clip) its frames, sorted by key; raise `DataError` if no
+    batch can be formed."""
     if incomplete_batches not in INCOMPLETE_BATCH_MODES:
         raise ValueError(f"incomplete_batches must be one of {INCOMPLETE_BATCH_MODES}, got {incomplete_batches!r}")
     if batch_size < 1 or repeats < 1:
         raise ValueError(f"batch_size and repeats must be at least 1, got {batch_size} and {repeats}")
+    if clips.short_clips not in SHORT_CLIP_MODES:
+        raise ValueError(f"short_clips must be one of {SHORT_CLIP_MODES}, got {clips.short_clips!r}")
     sizes = bucket_sizes(resolution, resolution_type, alignment, step, max_aspect_ratio)
+    skipped = list(skipped)
+    notes = _frame_notes(clips)
     samples: list[PlannedSample] = []
     for record in records:
         key = sample_key(record.path, root)
         bucket = assign_bucket(record.width, record.height, sizes)
         placement = place(record.width, record.height, bucket, crop, crop_seed, key)
+        if record.is_video:
+            chosen = _choose_frames(record, clips)
+            if isinstance(chosen, str):
+                skipped.append(Skipped(record.path, chosen))
+                continue
+            indices, rate, note = chosen
+            placement = replace(placement, frame_indices=indices, fps=rate)
+            if note:
+                notes.append(f"{key}: {note}")
         samples.append(PlannedSample(record, placement, key))
     samples.sort(key=lambda sample: sample.key)
     duplicates = sorted(key for key, count in Counter(sample.key for sample in samples).items() if count > 1)
     if duplicates:
         raise DataError(f"the same image is listed more than once: {', '.join(duplicates[:5])}")
-    return _build_plan(samples, list(skipped), batch_size, repeats, incomplete_batches)
+    skipped.sort(key=lambda s: (s.path.as_posix(), s.reason))
+    plan = _build_plan(samples, skipped, batch_size, repeats, incomplete_batches)
+    plan.notes = notes
+    return plan
+
+
+def _frame_notes(clips: ClipOptions) -> list[str]:
+    if clips.rule.is_video and clips.target != clips.frames:
+        return [f"data.frames = {clips.frames} snapped down to {clips.target} (this family takes {clips.rule} frames)."]
+    return []
+
+
+def _choose_frames(record: ImageRecord, clips: ClipOptions) -> tuple[tuple[int, ...], float, str] | str:
+    """(source frame indices, clip rate, a note or "") for a clip, or the reason it cannot be used."""
+    info = VideoInfo(record.width, record.height, record.timestamps, record.fps or 1.0, record.variable_rate)
+    rate = clips.fps or info.fps
+    have = info.frames if clips.sampling == "uniform" else available_frames(info, clips.fps)
+    frames, note = clips.target, ""
+    if have < frames:
+        at = "" if clips.sampling == "uniform" else f" at {rate:g} fps"
+        reason = (
+            f"clip has {have} frames{at} ({info.frames} in the file, {info.duration:.2f} s); "
+            f"needs {frames} (data.frames)"
+        )
+        if clips.short_clips == "skip" or not clips.rule.is_video:
+            return reason + '; set data.short_clips = "shorten" to train it at a shorter length'
+        frames = clips.rule.snap_down(have)
+        note = f"{reason}: trained at {frames} frames"
+    if record.variable_rate:
+        vfr = f"variable frame rate (average {info.fps:.3g} fps): frames chosen by timestamp"
+        note = f"{note}; {vfr}" if note else vfr
+    indices, chosen_rate = select_frames(info, frames, clips.fps, clips.sampling)
+    return indices, chosen_rate, note
 
 
 def remove_samples(plan: DatasetPlan, keys: set[str], reason_by_key: Mapping[str, str]) -> DatasetPlan:
@@ -92,7 +159,9 @@ def remove_samples(plan: DatasetPlan, keys: set[str], reason_by_key: Mapping[str
         if sample.key in keys
     ]
     skipped = sorted([*plan.skipped, *removed], key=lambda s: (s.path.as_posix(), s.reason))
-    return _build_plan(kept, skipped, plan.batch_size, plan.repeats, plan.incomplete_batches)
+    pruned = _build_plan(kept, skipped, plan.batch_size, plan.repeats, plan.incomplete_batches)
+    pruned.notes = list(plan.notes)
+    return pruned
 
 
 def sample_key(path: Path, root: Path) -> str:
@@ -111,7 +180,7 @@ def _build_plan(
 ) -> DatasetPlan:
     buckets: dict[Bucket, list[int]] = {}
     for index, sample in enumerate(samples):
-        buckets.setdefault(sample.placement.bucket, []).append(index)
+        buckets.setdefault(sample.placement.shape, []).append(index)
     buckets = dict(sorted(buckets.items()))
     dropped: dict[Bucket, int] = {}
     if incomplete_batches == "drop":
@@ -137,7 +206,7 @@ def _build_plan(
 def _no_full_batch_message(buckets: dict[Bucket, list[int]], batch_size: int, repeats: int, total: int) -> str:
     if not total:
         return "no usable images left in the dataset (all were skipped)."
-    counts = ", ".join(f"{w}×{h}: {len(indices)}" for (w, h), indices in buckets.items())
+    counts = ", ".join(f"{bucket_label(bucket)}: {len(indices)}" for bucket, indices in buckets.items())
     repeated = f" (× repeats {repeats})" if repeats > 1 else ""
     return (
         f"no bucket has enough images{repeated} for one full batch of batch_size {batch_size} "
@@ -151,11 +220,14 @@ def format_bucket_report(
 ) -> str:
     """A readable table of buckets, batches per epoch, partial or dropped batches, and skipped files."""
     drop = plan.incomplete_batches == "drop"
-    header = ("bucket", "aspect", "images", "batches/epoch", "last batch")
+    clips = any(sample.record.is_video for sample in plan.samples)
+    header = ("bucket w×h×frames" if clips else "bucket", "aspect", "clips" if clips else "images", "batches/epoch")
+    header += ("last batch",)
     rows: list[tuple[str, ...]] = []
     total_images = total_batches = total_dropped = 0
     small_buckets = 0
-    for (width, height), indices in plan.buckets.items():
+    for bucket, indices in plan.buckets.items():
+        width, height = bucket[:2]
         count = len(indices)
         samples = count * repeats
         full, remainder = divmod(samples, batch_size)
@@ -169,7 +241,7 @@ def format_bucket_report(
             last = f"partial ({remainder})"
         if samples < batch_size:
             small_buckets += 1
-        rows.append((f"{width}×{height}", _aspect(width, height), str(count), str(batches), last))
+        rows.append((bucket_label(bucket, clips), _aspect(width, height), str(count), str(batches), last))
         total_images += count
         total_batches += batches
     rows.append(("total", "", str(total_images), str(total_batches), f"{total_dropped} dropped" if drop else ""))
@@ -186,7 +258,25 @@ def format_bucket_report(
     )
     lines.append(_batch_fit_line(small_buckets, batch_size, drop, total_dropped))
     lines += _skipped_lines(plan.skipped)
+    lines += _note_lines(plan.notes)
     return "\n".join(lines)
+
+
+def bucket_label(bucket: Bucket, frames: bool | None = None) -> str:
+    """ "512×320" for a still bucket, "512×320×49f" for clips (`frames`: force or hide the frame count)."""
+    width, height, count = bucket
+    show = count > 1 if frames is None else frames
+    return f"{width}×{height}×{count}f" if show else f"{width}×{height}"
+
+
+def _note_lines(notes: list[str]) -> list[str]:
+    if not notes:
+        return []
+    lines = [f"Notes ({len(notes)}):"]
+    lines += [f"  {note}" for note in notes[:MAX_NOTES_LISTED]]
+    if len(notes) > MAX_NOTES_LISTED:
+        lines.append(f"  ... and {len(notes) - MAX_NOTES_LISTED} more")
+    return lines
 
 
 def _aspect(width: int, height: int) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-Bucket = tuple[int, int]
+Bucket = tuple[int, ...]
+"""A bucket key: (width, height, frames) in the trainer; any tuple of ints here."""
 BatchItem = tuple[int, bool]
 """(sample index, horizontal flip)."""
 
@@ -48,7 +49,7 @@ class BucketBatchSampler:
         self.repeats = repeats
         self.fingerprint = _layout_fingerprint(self._buckets)
         if self.batches_per_epoch == 0:
-            sizes = ", ".join(f"{w}×{h}: {len(indices)}" for (w, h), indices in self._buckets.items())
+            sizes = ", ".join(f"{'×'.join(map(str, b))}: {len(indices)}" for b, indices in self._buckets.items())
             raise ValueError(
                 f"no full batch of {batch_size} can be formed (samples per bucket: {sizes or 'none'}, "
                 f"repeats {repeats}) and incomplete batches are dropped"
@@ -155,5 +156,5 @@ def _derived_seed(seed: int, epoch: int, purpose: str) -> int:
 
 
 def _layout_fingerprint(buckets: dict[Bucket, list[int]]) -> str:
-    layout = [[bucket[0], bucket[1], indices] for bucket, indices in sorted(buckets.items())]
+    layout = [[*bucket, indices] for bucket, indices in sorted(buckets.items())]  # every dimension, frames included
     return hashlib.sha256(json.dumps(layout, separators=(",", ":")).encode()).hexdigest()

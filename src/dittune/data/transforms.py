@@ -48,14 +48,24 @@ def load_pixels(path: Path, placement: Placement, flip: bool) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageLoadError(f"image is truncated or corrupt ({error})", path) from error
 
+    return pixels_from_image(resized, placement, flip, path, resized=True)
+
+
+def pixels_from_image(
+    image: Image.Image, placement: Placement, flip: bool, path: Path | None = None, resized: bool = False
+) -> torch.Tensor:
+    """An RGB image resized to `placement.resized` (Lanczos; skipped when `resized`), cropped to the bucket
+    and mirrored when `flip`: float32 (3, H, W) in [-1, 1]. `path` only names the source in errors."""
+    if not resized:
+        image = to_rgb(image).resize(placement.resized, Image.Resampling.LANCZOS)
     left, top = placement.crop_left_top
     width, height = placement.bucket
-    if left < 0 or top < 0 or left + width > resized.width or top + height > resized.height:
+    if left < 0 or top < 0 or left + width > image.width or top + height > image.height:
         raise ValueError(
             f"crop {width}×{height} at ({left}, {top}) does not fit the resized image "
-            f"{resized.width}×{resized.height} of {path}"
+            f"{image.width}×{image.height} of {path}"
         )
-    cropped = resized.crop((left, top, left + width, top + height))
+    cropped = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.array(cropped, dtype=np.uint8)).permute(2, 0, 1)
     if flip:
         pixels = pixels.flip(-1)

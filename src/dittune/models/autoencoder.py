@@ -28,7 +28,11 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
 
 @torch.no_grad()
 def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-    """(B, 3, H, W) in [-1, 1] → one CPU dict {"mean", "logvar"} per image."""
+    """(B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1] → one CPU dict {"mean", "logvar"} per image."""
+    if pixels.ndim == 5:
+        if pixels.shape[2] != 1:
+            raise ValueError(f"an image VAE encodes single frames, got {pixels.shape[2]} frames per sample")
+        pixels = pixels[:, :, 0]
     param = next(vae.parameters())
     posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
     mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()

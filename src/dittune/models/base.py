@@ -24,17 +24,21 @@ TextEmbedding = dict[str, torch.Tensor]
 """One prompt's encoder outputs, unbatched (e.g. ``{"prompt_embeds": (77, 1024), ...}``)."""
 
 Moments = dict[str, torch.Tensor]
-"""One image's cached VAE output, unbatched (e.g. ``{"mean": (4, h, w), "logvar": (4, h, w)}``)."""
+"""One sample's cached VAE output, unbatched (e.g. ``{"mean": (4, h, w), "logvar": (4, h, w)}`` for an image
+family, ``(C, f, h, w)`` for a clip)."""
 
 
 @dataclass
 class SampleMeta:
-    """Geometry of one training sample, in pixels (all sizes are (width, height))."""
+    """Geometry of one training sample, in pixels (all sizes are (width, height)); `frames` and `fps` of the
+    clip (1 and None for a still)."""
 
     original_size: tuple[int, int]
     target_size: tuple[int, int]
     crop_left_top: tuple[int, int]
     flipped: bool = False
+    frames: int = 1
+    fps: float | None = None
 
 
 @dataclass
@@ -81,6 +85,8 @@ class LossSettings:
     weighting: str = "none"
     guidance: float = 1.0
     """Guidance-embedding input of guidance-distilled models during training."""
+    first_frame_p: float = 0.0
+    """Probability per sample of first-frame conditioning (families that train image-to-video this way)."""
 
 
 class ModelSpec(FamilyFacts, ABC):
@@ -133,7 +139,14 @@ class ModelSpec(FamilyFacts, ABC):
 
     @abstractmethod
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        """Encode a batch of images in [-1, 1], shape (B, 3, H, W); one CPU dict per image."""
+        """Encode a batch of samples in [-1, 1], shape (B, 3, F, H, W) (F = 1 for stills); one CPU dict each."""
+
+    def configure_vae(self, vae: nn.Module, tiling: bool) -> None:
+        """Turn on the VAE's tiling and slicing (`cache.vae_tiling`) where it has them."""
+        if tiling:
+            for switch in ("enable_tiling", "enable_slicing"):
+                if hasattr(vae, switch):
+                    getattr(vae, switch)()
 
     @abstractmethod
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
@@ -145,7 +158,7 @@ class ModelSpec(FamilyFacts, ABC):
     ) -> torch.Tensor:
         """Batched cached moments → the denoiser's clean latents x0 (a posterior draw or its mean), float32."""
 
-    def pipeline_latents(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    def pipeline_latents(self, latents: torch.Tensor, width: int, height: int, frames: int = 1) -> torch.Tensor:
         """The stock pipeline's `output_type="latent"` result in the layout `latents_from_moments` returns."""
         return latents
 
@@ -200,14 +213,31 @@ class ModelSpec(FamilyFacts, ABC):
     pipeline_init_extras: ClassVar[dict[str, Any]] = {}
     """Extra constructor arguments for `build_pipeline` (e.g. a flag that silences a warning)."""
 
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
+    def sampling_pipeline_class(self, conditioned: bool) -> str:
+        """The stock pipeline that samples this model: `pipeline_class`, or an image-to-video one when
+        `conditioned` (a family that samples I2V with another pipeline overrides this)."""
+        if conditioned and not self.takes_image:
+            raise ValueError(f"{self.display_name} ({self.path}) does not take a conditioning image")
+        return self.pipeline_class
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether sampling accepts a conditioning image (`validation.images`, `sample --image`)."""
+        return self.image_conditioning_at(self.path) != "none"
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether sampling requires a conditioning image (an image-to-video model)."""
+        return self.image_conditioning_at(self.path) == "required"
+
+    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any, conditioned: bool = False) -> Any:
         """The stock pipeline around a live denoiser; every other required component (text encoders,
         tokenizers, safety checker) is None, as validation feeds cached embeddings."""
         import inspect
 
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class)
+        cls = getattr(diffusers, self.sampling_pipeline_class(conditioned))
         given = {self.denoiser_component: denoiser, "vae": vae, "scheduler": scheduler, **self.pipeline_init_extras}
         params = inspect.signature(cls.__init__).parameters
         absent = {
@@ -219,11 +249,12 @@ class ModelSpec(FamilyFacts, ABC):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def load_pipeline(self, dtype: torch.dtype) -> Any:
+    def load_pipeline(self, dtype: torch.dtype, conditioned: bool = False) -> Any:
         """The complete stock pipeline from the model folder (used by `dittune sample`)."""
         import diffusers
 
-        pipeline = getattr(diffusers, self.pipeline_class).from_pretrained(self.path, torch_dtype=dtype)
+        cls = getattr(diffusers, self.sampling_pipeline_class(conditioned))
+        pipeline = cls.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -234,6 +265,10 @@ class ModelSpec(FamilyFacts, ABC):
     def size_kwargs(self, width: int, height: int) -> dict[str, Any]:
         """Pipeline arguments for the image size (families add their size conditioning)."""
         return {"width": width, "height": height}
+
+    def clip_kwargs(self, frames: int, fps: float, image: Any | None) -> dict[str, Any]:
+        """Pipeline arguments for the clip length, frame rate and conditioning image (none for images)."""
+        return {}
 
     def text_call_kwargs(self) -> dict[str, Any]:
         """Extra arguments when the pipeline encodes the text itself (e.g. the T5 length)."""
@@ -249,24 +284,45 @@ class ModelSpec(FamilyFacts, ABC):
         steps: int,
         guidance: float,
         generator: torch.Generator,
+        frames: int = 1,
+        fps: float | None = None,
+        image: Any | None = None,
     ) -> dict[str, Any]:
         """Keyword arguments for the pipeline call from cached embeddings (validation)."""
         return {
             **self.embedding_kwargs(positive, negative),
             **self.size_kwargs(width, height),
+            **self.clip_kwargs(frames, fps or self.default_fps, image),
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "generator": generator,
         }
 
-    def prompt_kwargs(self, prompt: str, negative_prompt: str, *, width: int, height: int) -> dict[str, Any]:
+    def prompt_kwargs(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        *,
+        width: int,
+        height: int,
+        frames: int = 1,
+        fps: float | None = None,
+        image: Any | None = None,
+    ) -> dict[str, Any]:
         """Pipeline keyword arguments for a plain-text call (the pipeline encodes the prompt itself)."""
         return {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
             **self.size_kwargs(width, height),
+            **self.clip_kwargs(frames, fps or self.default_fps, image),
             **self.text_call_kwargs(),
         }
+
+    def output_frames(self, output: Any) -> list[Any]:
+        """The first sample of a pipeline call as a list of PIL frames (one for an image family)."""
+        if hasattr(output, "frames"):
+            return list(output.frames[0])
+        return [output.images[0]]
 
     def describe_objective(self, settings: LossSettings) -> str:
         """One line for the start-up summary: the objective and the loss options in effect."""
@@ -274,6 +330,11 @@ class ModelSpec(FamilyFacts, ABC):
             f"vlb {'on' if settings.vlb else 'off'}, noise offset {settings.noise_offset:g}, "
             f"min-SNR {settings.min_snr_gamma or 'off'}"
         )
+
+    def default_size(self, pipeline: Any) -> tuple[int, int]:
+        """(width, height) of `dittune sample` when not given: the denoiser's native size."""
+        side = 8 * int(getattr(self.denoiser_from_pipeline(pipeline).config, "sample_size", 128))
+        return side, side
 
     def denoiser_from_pipeline(self, pipeline: Any) -> nn.Module:
         return getattr(pipeline, self.denoiser_component)

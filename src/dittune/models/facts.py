@@ -18,6 +18,39 @@ DDPM_LOSS_OPTIONS = frozenset({"vlb", "noise_offset", "min_snr_gamma"})
 
 
 @dataclass(frozen=True)
+class FrameRule:
+    """Clip lengths a video family accepts: ``multiple·k + 1`` frames (k ≥ 0), e.g. 4k+1 or 8k+1.
+
+    `multiple` is the VAE's temporal compression (times the transformer's temporal patch where the
+    pipeline needs whole patches). One frame (k = 0) is always valid: a still image is a 1-frame clip.
+    """
+
+    multiple: int
+
+    def valid(self, frames: int) -> bool:
+        if self.multiple == 0:
+            return frames == 1
+        return frames >= 1 and (frames - 1) % self.multiple == 0
+
+    def snap_down(self, frames: int) -> int:
+        """The longest valid length not above `frames` (at least 1)."""
+        if self.multiple == 0:
+            return 1
+        return max(1, (frames - 1) // self.multiple * self.multiple + 1)
+
+    @property
+    def is_video(self) -> bool:
+        return self.multiple > 0
+
+    def __str__(self) -> str:
+        return f"{self.multiple}k+1" if self.multiple else "1 (stills)"
+
+
+STILL = FrameRule(multiple=0)
+"""The rule of image families: one frame only (`valid` and `snap_down` accept 1 alone)."""
+
+
+@dataclass(frozen=True)
 class TextEncoderSlot:
     """One text encoder and the keys of the text embedding it produces.
 
@@ -50,6 +83,16 @@ class FamilyFacts:
     alignment: ClassVar[int]
     """Image sides must be multiples of this many pixels (buckets snap to it)."""
 
+    frame_rule: ClassVar[FrameRule] = STILL
+    """Clip lengths the family trains on; `STILL` (1 frame) for image families. A family whose rule depends
+    on the model folder (e.g. a temporal patch) overrides `frame_rule_at`."""
+
+    default_frames: ClassVar[int] = 49
+    """`data.frames` when unset, for video families (snapped down to the rule)."""
+
+    default_fps: ClassVar[float] = 24.0
+    """Frame rate of written clips (and of frame-rate conditioning) when neither the data nor the config says."""
+
     text_encoders: ClassVar[tuple[TextEncoderSlot, ...]]
     default_lora_targets: ClassVar[tuple[str, ...]]
     denoiser_component: ClassVar[str] = "transformer"
@@ -66,6 +109,22 @@ class FamilyFacts:
 
     t5_lengths: ClassVar[tuple[int, int] | None] = None
     """(default, maximum) tokens of the T5 encoder where `model.t5_max_length` may change them; None: fixed."""
+
+    @classmethod
+    def accepts_pipeline(cls, name: str | None) -> bool:
+        """Whether a model folder whose model_index.json names pipeline `name` belongs to this family."""
+        return name == cls.pipeline_class
+
+    @classmethod
+    def image_conditioning_at(cls, path: Path) -> str:
+        """Whether sampling the model in `path` takes a conditioning image: "none", "optional" (e.g. a T2V model
+        also sampled image-to-video) or "required" (an image-to-video model). Read from configs only."""
+        return "none"
+
+    @classmethod
+    def frame_rule_at(cls, path: Path) -> FrameRule:
+        """The frame rule of the model in `path` (read from configs only; default: the class's)."""
+        return cls.frame_rule
 
     @classmethod
     def check_folder(cls, path: Path) -> list[str]:

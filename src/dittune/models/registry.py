@@ -75,6 +75,6 @@ def detect_family(model_path) -> str:
         raise FileNotFoundError(f"{model_path} has no model_index.json; pass a diffusers-layout model folder")
     name = json.loads(index.read_text()).get("_class_name")
     for family in family_names():
-        if getattr(spec_class(family), "pipeline_class", None) == name:
+        if facts_class(family).accepts_pipeline(name):
             return family
     raise ValueError(f"{index} names {name}, which no dittune family handles (known: {', '.join(family_names())})")

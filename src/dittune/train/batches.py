@@ -64,6 +64,8 @@ class CachedBatches:
                     target_size=placement.bucket,
                     crop_left_top=placement.crop_left_top,
                     flipped=flipped,
+                    frames=placement.frames,
+                    fps=placement.fps,
                 )
             )
         return TrainBatch(moments=self._stack(moments), text=self._stack(texts), meta=meta)

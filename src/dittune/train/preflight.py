@@ -10,6 +10,7 @@ import importlib.util
 
 from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap
+from dittune.models.facts import FamilyFacts
 from dittune.models.registry import facts_class, family_names
 
 Problem = tuple[str, str]
@@ -52,6 +53,7 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
         problems.append(
             ("model.t5_max_length", f"{length} exceeds {spec_cls.display_name}'s maximum of {spec_cls.t5_lengths[1]}.")
         )
+    problems += _clip_checks(cfg, spec_cls)
     for key in sorted(cfg.loss.model_fields_set - spec_cls.loss_options):
         problems.append(
             (
@@ -61,6 +63,29 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
             )
         )
     return problems + _generic_checks(cfg)
+
+
+def _clip_checks(cfg: DittuneConfig, spec_cls: type[FamilyFacts]) -> list[Problem]:
+    """Frame settings against the model's frame rule, and conditioning images against what it samples."""
+    problems: list[Problem] = []
+    path, name = cfg.model.path, spec_cls.display_name
+    if not (path / "model_index.json").is_file():
+        return problems  # reported by check_folder; the readers below need the folder
+    if not spec_cls.frame_rule_at(path).is_video:
+        for key, value in (("data.frames", cfg.data.frames), ("validation.frames", cfg.validation.frames)):
+            if value not in (None, 1):
+                problems.append((key, f"{name} trains on still images; remove the key (or set it to 1)."))
+    conditioning = spec_cls.image_conditioning_at(path)
+    if cfg.validation.images and conditioning == "none":
+        problems.append(("validation.images", f"{name} ({path}) does not take a conditioning image; remove the key."))
+    if conditioning == "required" and cfg.validation.prompts and not cfg.validation.images:
+        problems.append(
+            ("validation.images", f"{path} is an image-to-video model: give one conditioning image per prompt.")
+        )
+    for index, image in enumerate(cfg.validation.images):
+        if not image.is_file():
+            problems.append((f"validation.images[{index}]", f"{image} does not exist."))
+    return problems
 
 
 def _generic_checks(cfg: DittuneConfig) -> list[Problem]:

@@ -21,8 +21,10 @@ from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap, square_bucket
 from dittune.data.discover import discover
-from dittune.data.report import DatasetPlan, format_bucket_report, plan_dataset, remove_samples
-from dittune.data.transforms import RESIZE_METHOD, ImageLoadError, load_pixels
+from dittune.data.report import ClipOptions, DatasetPlan, format_bucket_report, plan_dataset, remove_samples
+from dittune.data.transforms import RESIZE_METHOD, ImageLoadError
+from dittune.data.types import Placement
+from dittune.data.video import DECODE_METHOD, load_sample
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import ModelSpec
 
@@ -50,9 +52,41 @@ def validation_size(cfg: DittuneConfig, alignment: int) -> tuple[int, int]:
     return (snap(width, alignment) if width else side_w), (snap(height, alignment) if height else side_h)
 
 
+def clip_options(cfg: DittuneConfig, spec: ModelSpec) -> ClipOptions:
+    """The data section's frame settings under the model's frame rule."""
+    rule = spec.frame_rule_at(spec.path)
+    frames = (cfg.data.frames or spec.default_frames) if rule.is_video else 1
+    return ClipOptions(rule, frames, cfg.data.fps, cfg.data.frame_sampling, cfg.data.short_clips)
+
+
+def validation_frames(cfg: DittuneConfig, spec: ModelSpec) -> int:
+    """Frames per validation clip: validation.frames, else data.frames, snapped down to the rule (1 for images)."""
+    rule = spec.frame_rule_at(spec.path)
+    return rule.snap_down(cfg.validation.frames or cfg.data.frames or spec.default_frames)
+
+
+def validation_fps(cfg: DittuneConfig, spec: ModelSpec) -> float:
+    return cfg.validation.fps or cfg.data.fps or spec.default_fps
+
+
+def latent_geometry(placement: Placement, flip: bool) -> dict:
+    """What decides a sample's pixels, for its cache key (a still's has no frame entries, as before clips)."""
+    geometry = {
+        "bucket": list(placement.bucket),
+        "resized": list(placement.resized),
+        "crop_left_top": list(placement.crop_left_top),
+        "flip": flip,
+        "resize": RESIZE_METHOD,
+    }
+    if placement.frame_indices:
+        geometry.update(frames=list(placement.frame_indices), fps=placement.fps, decode=DECODE_METHOD)
+    return geometry
+
+
 def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
     data = cfg.data
-    records, skipped = discover(data.path, data.caption_extension, data.missing_caption)
+    clips = clip_options(cfg, spec)
+    records, skipped = discover(data.path, data.caption_extension, data.missing_caption, video=clips.rule.is_video)
     return plan_dataset(
         records,
         data.path,
@@ -67,6 +101,7 @@ def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
         incomplete_batches=data.incomplete_batches,
         skipped=skipped,
         repeats=data.repeats,
+        clips=clips,
     )
 
 
@@ -95,20 +130,13 @@ def prepare_data(
     for sample in plan.samples:
         for flip in flips:
             placement = sample.placement
-            geometry = {
-                "bucket": list(placement.bucket),
-                "resized": list(placement.resized),
-                "crop_left_top": list(placement.crop_left_top),
-                "flip": flip,
-                "resize": RESIZE_METHOD,
-            }
             job_ids.append((sample.key, flip))
             jobs.append(
                 LatentJob(
                     sample.record.path,
-                    geometry,
-                    placement.bucket,
-                    partial(load_pixels, sample.record.path, placement, flip),
+                    latent_geometry(placement, flip),
+                    placement.shape,
+                    partial(load_sample, sample.record.path, placement, flip),
                 )
             )
     keys, latent_stats = ensure_latents(
@@ -123,13 +151,14 @@ def prepare_data(
         batch_size=cfg.cache.vae_batch_size,
         load_errors=(ImageLoadError,),
         progress=progress,
+        vae_options={"tiling": True} if cfg.cache.vae_tiling else None,
     )
     failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
     if failed_keys:
         reason_by_path = dict(latent_stats.failed)
         reasons = {s.key: reason_by_path[s.record.path] for s in plan.samples if s.record.path in reason_by_path}
         plan = remove_samples(plan, failed_keys, reasons)
-        announce(f"{len(failed_keys)} image(s) failed to decode and were left out:")
+        announce(f"{len(failed_keys)} file(s) failed to decode and were left out:")
         for path, reason in latent_stats.failed:
             announce(f"  {path}: {reason}")
     latent_keys = {job_id: key for job_id, key in zip(job_ids, keys) if key is not None}
@@ -173,6 +202,7 @@ def fill_caches(
     def get_vae() -> torch.nn.Module:
         if "vae" not in holder:
             holder["vae"] = spec.load_vae(device, DTYPES[compute_dtype])
+            spec.configure_vae(holder["vae"], tiling=cfg.cache.vae_tiling)
         return holder["vae"]
 
     prepared = prepare_data(

@@ -56,6 +56,7 @@ def loss_settings(cfg: DittuneConfig, spec: ModelSpec) -> LossSettings:
     settings.logit_mean, settings.logit_std = cfg.loss.logit_mean, cfg.loss.logit_std
     settings.mode_scale, settings.flow_shift = cfg.loss.mode_scale, cfg.loss.flow_shift
     settings.weighting, settings.guidance = cfg.loss.weighting, cfg.loss.guidance
+    settings.first_frame_p = cfg.loss.first_frame_p
     settings.sample_latents = cfg.cache.latent_sampling == "sample"
     return settings
 

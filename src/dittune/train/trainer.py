@@ -22,7 +22,7 @@ from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
 from dittune.train.metrics import MetricsLog, peak_memory_mb
 from dittune.train.plot import plot_loss
-from dittune.train.prepare import validation_size
+from dittune.train.prepare import validation_fps, validation_frames, validation_size
 from dittune.train.setup import Run
 from dittune.validate.runner import ValidationRequest, ValidationResult, run_validation
 
@@ -148,7 +148,8 @@ class Trainer:
         device = run.accelerator.device
         denoiser = run.accelerator.unwrap_model(run.denoiser)
         if self._pipeline is None:
-            self._pipeline = run.spec.build_pipeline(denoiser, run.vae, run.spec.load_scheduler())
+            conditioned = bool(cfg.validation.images)
+            self._pipeline = run.spec.build_pipeline(denoiser, run.vae, run.spec.load_scheduler(), conditioned)
         if self._validation_text is None:
             keys = run.prepared.text_keys
             self._validation_text = (
@@ -166,6 +167,9 @@ class Trainer:
             steps=cfg.validation.steps,
             guidance=cfg.validation.guidance,
             seed=cfg.validation.seed,
+            frames=validation_frames(cfg, run.spec),
+            fps=validation_fps(cfg, run.spec),
+            images=[load_image(path) for path in cfg.validation.images] or None,
         )
         run.vae.to(device)
         denoiser.eval()
@@ -221,6 +225,14 @@ class Trainer:
         )
         save_lora(final / "lora.safetensors", lora_state_dict(denoiser), info)
         return final
+
+
+def load_image(path: Path) -> Any:
+    """A conditioning image as RGB (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def read_numbers(values: list[torch.Tensor | float]) -> list[float]:

@@ -1,8 +1,9 @@
-"""Validation images: the family's stock pipeline around the live model, fed from the text cache.
+"""Validation samples: the family's stock pipeline around the live model, fed from the text cache.
 
-Images go to OUTPUT_DIR/validation/step_NNNNNNNN/ as one PNG per prompt, grid.png and prompts.txt
-(one "NN<tab>prompt" line per image). A failing prompt is logged with its text and reported; it never
-stops training.
+Outputs go to OUTPUT_DIR/validation/step_NNNNNNNN/: per prompt one PNG (image families) or an MP4 plus a
+PNG strip of its frames (video families), grid.png (the images or strips, labelled) and prompts.txt (one
+"NN<tab>prompt" line per sample). A failing prompt is logged with its text and reported; it never stops
+training.
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ class ValidationRequest:
     steps: int
     guidance: float
     seed: int
+    frames: int = 1
+    fps: float | None = None
+    images: Sequence[Any] | None = None
+    """Conditioning images (PIL), one per prompt, for image-to-video sampling."""
 
 
 @dataclass
 class ValidationResult:
     images: list[Path] = field(default_factory=list)
+    """The PNG per prompt (for a clip, the strip of its frames)."""
+    clips: list[Path] = field(default_factory=list)
+    """The MP4 per prompt (video families)."""
     grid: Path | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -65,10 +73,13 @@ def run_validation(
     out_dir: Path,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ValidationResult:
-    """Sample one image per prompt (seed + i on a CPU generator) and write PNGs and a grid."""
+    """Sample one image or clip per prompt (seed + i on a CPU generator) and write the files and a grid."""
+    from dittune.media import strip, write_frames
+
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ValidationResult()
     images: list[tuple[str, Image.Image]] = []
+    fps = request.fps or spec.default_fps
     for index, (prompt, positive) in enumerate(zip(request.prompts, request.positive)):
         generator = torch.Generator("cpu").manual_seed(request.seed + index)
         try:
@@ -80,22 +91,26 @@ def run_validation(
                 steps=request.steps,
                 guidance=request.guidance,
                 generator=generator,
+                frames=request.frames,
+                fps=fps,
+                image=request.images[index] if request.images else None,
             )
             with torch.no_grad(), autocast():
-                image = pipeline(**kwargs).images[0]
+                frames = spec.output_frames(pipeline(**kwargs))
         except Exception as error:  # validation must never stop training
             message = f"validation prompt {index} ({prompt!r}) failed: {type(error).__name__}: {error}"
             log.error(message)
             result.errors.append(message)
             continue
-        path = out_dir / f"{index:02d}-{slug(prompt)}.png"
-        image.save(path)
-        result.images.append(path)
-        images.append((f"{index:02d} {prompt}", image))
+        stem = out_dir / f"{index:02d}-{slug(prompt)}"
+        if len(frames) > 1:
+            result.clips.append(write_frames(frames, stem.with_suffix(".mp4"), fps))
+        result.images.append(write_frames(frames, stem.with_suffix(".png"), fps))
+        images.append((f"{index:02d} {prompt}", frames[0] if len(frames) == 1 else strip(frames)))
     (out_dir / "prompts.txt").write_text("".join(f"{i:02d}\t{p}\n" for i, p in enumerate(request.prompts)), "utf-8")
     if images:
         result.grid = out_dir / "grid.png"
-        make_grid(images).save(result.grid)
+        make_grid(images, columns=1 if result.clips else 4).save(result.grid)
     return result
 
 
