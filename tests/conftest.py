@@ -56,6 +56,30 @@ def family_models(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[st
     return models
 
 
+VIDEO_FAMILIES = ("ltx-video", "cogvideox", "hunyuan-video")
+"""Video families with a tiny builder; `tests/test_video_families.py` runs each through the same tests."""
+
+
+class _BuiltOnFirstUse(dict):
+    """family → tiny pipeline folder, built the first time a test asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> Path:
+        from dittune.models.registry import tiny_builder
+
+        self[family] = tiny_builder(family)(self.root / family, seed=0)
+        return self[family]
+
+
+@pytest.fixture(scope="session")
+def video_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family → tiny pipeline folder (default variant: text-to-video), built on first use."""
+    return _BuiltOnFirstUse(tmp_path_factory.mktemp("video-models"))
+
+
 def make_dataset(
     root: Path,
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (96, 64)),

@@ -10,7 +10,7 @@ from dittune.config import load_config
 from dittune.train.preflight import preflight
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
-PATH_KEYS = {"model.path", "data.path"}
+PATH_KEYS = {"model.path", "data.path", "validation.images[0]"}
 """Examples point at placeholder folders; problems about those alone are expected."""
 
 

@@ -18,9 +18,10 @@ def load_lora(pipeline: Any, path: str | Path, scale: float = 1.0, adapter_name:
     """
     state, info = read_lora(Path(path))
     spec_cls = spec_class(info.family)
-    expected = getattr(spec_cls, "pipeline_class", None)
-    if expected and type(pipeline).__name__ != expected:
-        raise TypeError(f"{path} is a {info.family} LoRA; it needs a {expected}, got {type(pipeline).__name__}")
+    if not spec_cls.accepts_pipeline(type(pipeline).__name__):
+        raise TypeError(
+            f"{path} is a {info.family} LoRA; it needs a {spec_cls.pipeline_class}, got {type(pipeline).__name__}"
+        )
     denoiser = getattr(pipeline, info.component)
     dtype = next(denoiser.parameters()).dtype
     inject_lora(denoiser, rank=info.rank, alpha=info.alpha * scale, targets=info.targets, adapter_name=adapter_name)

@@ -41,12 +41,21 @@ class CacheStats:
     misses: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
+    unit: str = ""
+    """What was encoded ("clip" or "img") when a rate is worth showing; "" shows none."""
+    megabytes: float = 0.0
+    """Size of the entries the run uses (cached and new)."""
 
     def line(self, what: str) -> str:
         text = f"{what}: {self.hits} cached, {self.misses} encoded"
         if self.failed:
             text += f", {len(self.failed)} failed"
-        return text + f" ({self.seconds:.1f} s)"
+        details = [f"{self.seconds:.1f} s"]
+        if self.unit and self.misses and self.seconds > 0:
+            details.append(f"{self.misses / self.seconds:.2f} {self.unit}s/s")
+        if self.megabytes:
+            details.append(f"{self.megabytes:.1f} MB")
+        return text + f" ({', '.join(details)})"
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,20 @@ def ensure_latents(
                 bar.update(len(chunk))
             stats.misses += pipeline.wait_for_writes()
         bar.close()
+        stats.unit = "clip" if clips else "img"
     stats.seconds = time.perf_counter() - start
+    stats.megabytes = _megabytes(store, {key for key in keys if key is not None})
     return keys, stats
+
+
+def _megabytes(store: CacheStore, keys: set[str]) -> float:
+    total = 0
+    for key in keys:
+        try:
+            total += store.path(LATENT, key).stat().st_size
+        except OSError:
+            continue
+    return total / 1e6
 
 
 def _split(indices: list[int], size: int) -> list[list[int]]:

@@ -317,7 +317,8 @@ class ValidationSection(Section):
     fps: float | None = Field(
         None,
         description=(
-            "Frame rate of written clips (and LTX-Video's rate conditioning). Default: data.fps, else the family's."
+            "Frame rate of written clips (and LTX-Video's rate conditioning). Default: data.fps, else the median "
+            "rate of the training clips, else the family's."
         ),
         gt=0,
     )

@@ -14,6 +14,9 @@ _FAMILIES: dict[str, str] = {
     "sd3": "dittune.models.sd3.spec:SD3Spec",
     "pixart-sigma": "dittune.models.pixart_sigma.spec:PixArtSigmaSpec",
     "flux": "dittune.models.flux.spec:FluxSpec",
+    "ltx-video": "dittune.models.ltx_video.spec:LTXVideoSpec",
+    "cogvideox": "dittune.models.cogvideox.spec:CogVideoXSpec",
+    "hunyuan-video": "dittune.models.hunyuan_video.spec:HunyuanVideoSpec",
 }
 
 
@@ -23,6 +26,9 @@ _TINY_BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd3": ("dittune.models.sd3.tiny:build_tiny_sd3", ("sd3.5", "sd3", "sd3.5-medium")),
     "pixart-sigma": ("dittune.models.pixart_sigma.tiny:build_tiny_pixart_sigma", ("sigma", "sigma-microconditions")),
     "flux": ("dittune.models.flux.tiny:build_tiny_flux", ("dev", "schnell")),
+    "ltx-video": ("dittune.models.ltx_video.tiny:build_tiny_ltx_video", ("0.9",)),
+    "cogvideox": ("dittune.models.cogvideox.tiny:build_tiny_cogvideox", ("1.0", "1.5", "1.0-i2v", "1.5-i2v")),
+    "hunyuan-video": ("dittune.models.hunyuan_video.tiny:build_tiny_hunyuan_video", ("t2v",)),
 }
 
 

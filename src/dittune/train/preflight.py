@@ -67,7 +67,11 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
 
 def _clip_checks(cfg: DittuneConfig, spec_cls: type[FamilyFacts]) -> list[Problem]:
     """Frame settings against the model's frame rule, and conditioning images against what it samples."""
-    problems: list[Problem] = []
+    problems: list[Problem] = [
+        (f"validation.images[{index}]", f"{image} does not exist.")
+        for index, image in enumerate(cfg.validation.images)
+        if not image.is_file()
+    ]
     path, name = cfg.model.path, spec_cls.display_name
     if not (path / "model_index.json").is_file():
         return problems  # reported by check_folder; the readers below need the folder
@@ -82,9 +86,6 @@ def _clip_checks(cfg: DittuneConfig, spec_cls: type[FamilyFacts]) -> list[Proble
         problems.append(
             ("validation.images", f"{path} is an image-to-video model: give one conditioning image per prompt.")
         )
-    for index, image in enumerate(cfg.validation.images):
-        if not image.is_file():
-            problems.append((f"validation.images[{index}]", f"{image} does not exist."))
     return problems
 
 

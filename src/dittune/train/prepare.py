@@ -65,8 +65,13 @@ def validation_frames(cfg: DittuneConfig, spec: ModelSpec) -> int:
     return rule.snap_down(cfg.validation.frames or cfg.data.frames or spec.default_frames)
 
 
-def validation_fps(cfg: DittuneConfig, spec: ModelSpec) -> float:
-    return cfg.validation.fps or cfg.data.fps or spec.default_fps
+def validation_fps(cfg: DittuneConfig, spec: ModelSpec, plan: DatasetPlan | None = None) -> float:
+    """Rate of validation clips: validation.fps, else data.fps, else the median rate of the planned clips
+    (what training saw), else the family's default."""
+    if cfg.validation.fps or cfg.data.fps:
+        return float(cfg.validation.fps or cfg.data.fps)
+    rates = sorted(s.placement.fps for s in plan.samples if s.placement.fps) if plan is not None else []
+    return float(rates[len(rates) // 2]) if rates else spec.default_fps
 
 
 def latent_geometry(placement: Placement, flip: bool) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dittune.train.prepare import validation_size
+from dittune.train.prepare import validation_fps, validation_frames, validation_size
 from dittune.train.setup import Run
 
 
@@ -13,6 +13,15 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _samples(plan) -> str:
+    """ "12 images", or "10 clips + 2 images" when the data has clips."""
+    clips = sum(sample.record.is_video for sample in plan.samples)
+    images = len(plan.samples) - clips
+    if not clips:
+        return f"{images} images"
+    return f"{clips} clips" + (f" + {images} images" if images else "")
+
+
 def _validation_lines(run: Run) -> list[str]:
     val = run.cfg.validation
     if not val.prompts:
@@ -21,7 +30,11 @@ def _validation_lines(run: Run) -> list[str]:
     asked = (val.width or width, val.height or height)
     snapped = "" if asked == (width, height) else f" (asked {asked[0]}×{asked[1]}; sides snap to {run.spec.alignment})"
     when = f"every {val.every_steps} steps" if val.every_steps else "at the end"
-    return [f"Validation {len(val.prompts)} prompt(s) at {width}×{height}{snapped}, {val.steps} steps, {when}"]
+    frames = validation_frames(run.cfg, run.spec)
+    clip = f"×{frames} frames at {validation_fps(run.cfg, run.spec, run.prepared.plan):g} fps" if frames > 1 else ""
+    conditioned = ", image-to-video" if val.images else ""
+    line = f"{len(val.prompts)} prompt(s) at {width}×{height}{clip}{snapped}{conditioned}, {val.steps} steps, {when}"
+    return [f"Validation {line}"]
 
 
 def _precision_line(run: Run) -> str:
@@ -41,8 +54,7 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         "─" * 60,
         f"Model      {run.spec.display_name} {info.version}  ({cfg.model.path})",
         *(f"           {k}: {v}" for k, v in info.summary.items()),
-        f"Data       {len(plan.samples)} images in {len(plan.buckets)} bucket(s), {len(plan.skipped)} skipped"
-        f"  ({cfg.data.path})",
+        f"Data       {_samples(plan)} in {len(plan.buckets)} bucket(s), {len(plan.skipped)} skipped  ({cfg.data.path})",
         f"Cache      {stats['latents'].line('latents')}",
         f"           {stats['text'].line('text')}   ({cfg.cache_dir})",
         f"Training   {cfg.train.method}"

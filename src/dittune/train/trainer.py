@@ -168,7 +168,7 @@ class Trainer:
             guidance=cfg.validation.guidance,
             seed=cfg.validation.seed,
             frames=validation_frames(cfg, run.spec),
-            fps=validation_fps(cfg, run.spec),
+            fps=validation_fps(cfg, run.spec, run.prepared.plan),
             images=[load_image(path) for path in cfg.validation.images] or None,
         )
         run.vae.to(device)
