@@ -66,8 +66,8 @@ def tiny_vae(version: str):
         layers_per_block=1,
         norm_num_groups=4,
         temporal_compression_ratio=4,
-        sample_height=64,
-        sample_width=64,
+        sample_height=480,  # as released: tiling (cache.vae_tiling) starts above 240×360, never at test sizes
+        sample_width=720,
         scaling_factor=1.15258426 if version == "1.0" else 0.7,
         invert_scale_latents=version == "1.5",
     )
