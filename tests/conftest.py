@@ -59,6 +59,9 @@ def family_models(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[st
 VIDEO_FAMILIES = ("ltx-video", "cogvideox", "hunyuan-video")
 """Video families with a tiny builder; `tests/test_video_families.py` runs each through the same tests."""
 
+VIDEO_CASES = (*VIDEO_FAMILIES, "cogvideox@1.5")
+"""`family` (default variant) or `family@variant`: the models the generic video tests run on."""
+
 
 class _BuiltOnFirstUse(dict):
     """family → tiny pipeline folder, built the first time a test asks for it."""
@@ -67,16 +70,18 @@ class _BuiltOnFirstUse(dict):
         super().__init__()
         self.root = root
 
-    def __missing__(self, family: str) -> Path:
+    def __missing__(self, case: str) -> Path:
         from dittune.models.registry import tiny_builder
 
-        self[family] = tiny_builder(family)(self.root / family, seed=0)
-        return self[family]
+        family, _, variant = case.partition("@")
+        options = {"variant": variant} if variant else {}
+        self[case] = tiny_builder(family)(self.root / case.replace("@", "-"), seed=0, **options)
+        return self[case]
 
 
 @pytest.fixture(scope="session")
 def video_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """family → tiny pipeline folder (default variant: text-to-video), built on first use."""
+    """family or family@variant (see VIDEO_CASES) → tiny pipeline folder, built on first use."""
     return _BuiltOnFirstUse(tmp_path_factory.mktemp("video-models"))
 
 

@@ -2,7 +2,7 @@
 full runs on clips (with a still image in the data), validation clips equal to the stock pipeline frame for
 frame, `dittune sample` and diffusers' `load_lora_weights` reproducing the LoRA, bit-exact resume, cache keys
 that follow the frame settings, and a LoRA that learns one clip. Tiny real pipelines built offline
-(conftest.VIDEO_FAMILIES)."""
+(conftest.VIDEO_CASES: each family, and CogVideoX 1.5 besides 1.0)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import VIDEO_FAMILIES, make_clip, make_video_dataset, write_config
+from conftest import VIDEO_CASES, make_clip, make_video_dataset, write_config
 from dittune.cli.main import main
 from dittune.media import strip
 from dittune.models.registry import spec_class
@@ -94,12 +94,13 @@ class _LoraRuns(dict):
         super().__init__()
         self.factory, self.models = factory, models
 
-    def __missing__(self, family: str) -> Path:
-        root = self.factory.mktemp(f"video-lora-{family}")
-        cfg = _config(root, self.models[family], _dataset(root / "data"), root / "run", family, VALIDATION)
-        assert main(["train", str(cfg), "--set", "train.learning_rate=0.01"]) == 0, family
-        self[family] = root / "run"
-        return self[family]
+    def __missing__(self, case: str) -> Path:
+        family = case.partition("@")[0]
+        root = self.factory.mktemp(f"video-lora-{case.replace('@', '-')}")
+        cfg = _config(root, self.models[case], _dataset(root / "data"), root / "run", family, VALIDATION)
+        assert main(["train", str(cfg), "--set", "train.learning_rate=0.01"]) == 0, case
+        self[case] = root / "run"
+        return self[case]
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +108,10 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory, video_models: dict[str, 
     return _LoraRuns(tmp_path_factory, video_models)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_lora_run_writes_clips_strips_and_a_grid(family: str, lora_runs: dict[str, Path]) -> None:
-    out = lora_runs[family]
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_lora_run_writes_clips_strips_and_a_grid(case: str, lora_runs: dict[str, Path]) -> None:
+    family = case.partition("@")[0]
+    out = lora_runs[case]
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
     assert all(np.isfinite(m["loss"]) for m in _metrics(out))
     for step in (0, 2, 4):
@@ -128,12 +130,13 @@ def test_lora_run_writes_clips_strips_and_a_grid(family: str, lora_runs: dict[st
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_validation_clip_equals_the_stock_pipeline(family: str, lora_runs, video_models) -> None:
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_validation_clip_equals_the_stock_pipeline(case: str, lora_runs, video_models) -> None:
     """Step-0 validation (cached embeddings, negative prompt) equals the stock pipeline given the text."""
-    spec = spec_class(family)(video_models[family])
-    (validation,) = (lora_runs[family] / "validation" / "step_00000000").glob("00-*.png")
-    output = _stock(family, video_models[family])(
+    family = case.partition("@")[0]
+    spec = spec_class(family)(video_models[case])
+    (validation,) = (lora_runs[case] / "validation" / "step_00000000").glob("00-*.png")
+    output = _stock(family, video_models[case])(
         **spec.prompt_kwargs(PROMPT, NEGATIVE, width=SIDE, height=SIDE, frames=FRAMES, fps=FPS),
         num_inference_steps=2,
         guidance_scale=4.0,
@@ -142,11 +145,11 @@ def test_validation_clip_equals_the_stock_pipeline(family: str, lora_runs, video
     _assert_same(_image(validation), np.asarray(strip(spec.output_frames(output))))
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_sample_with_lora_matches_the_final_validation(family: str, lora_runs, video_models, tmp_path) -> None:
-    out = lora_runs[family]
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_sample_with_lora_matches_the_final_validation(case: str, lora_runs, video_models, tmp_path) -> None:
+    out = lora_runs[case]
     (validation,) = (out / "validation" / "step_00000004").glob("00-*.png")
-    args = ["sample", "--precision", "fp32", "--model", str(video_models[family])]
+    args = ["sample", "--precision", "fp32", "--model", str(video_models[case])]
     args += ["--lora", str(out / "final" / "lora.safetensors"), "--frames", str(FRAMES), "--fps", str(FPS)]
     args += ["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", "0", "--steps", "2", "--guidance", "4"]
     args += ["--width", str(SIDE), "--height", str(SIDE)]
@@ -157,12 +160,13 @@ def test_sample_with_lora_matches_the_final_validation(family: str, lora_runs, v
         assert gif.n_frames == FRAMES
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_stock_load_lora_weights_matches_dittune_load_lora(family: str, lora_runs, video_models) -> None:
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_stock_load_lora_weights_matches_dittune_load_lora(case: str, lora_runs, video_models) -> None:
     """diffusers' own `load_lora_weights` reads the file with the trained alpha (alpha ≠ rank here)."""
+    family = case.partition("@")[0]
     import dittune
 
-    model, lora = video_models[family], lora_runs[family] / "final" / "lora.safetensors"
+    model, lora = video_models[case], lora_runs[case] / "final" / "lora.safetensors"
     stock = _stock(family, model)
     stock.load_lora_weights(lora)
     ours = dittune.load_lora(_stock(family, model), lora)
@@ -181,9 +185,10 @@ def test_stock_load_lora_weights_matches_dittune_load_lora(family: str, lora_run
     assert not torch.allclose(outputs[0], outputs[2], atol=1e-4)  # the adapter changes the result
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_full_run_exports_a_stock_pipeline_folder(family: str, video_models, tmp_path) -> None:
-    model = video_models[family]
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_full_run_exports_a_stock_pipeline_folder(case: str, video_models, tmp_path) -> None:
+    family = case.partition("@")[0]
+    model = video_models[case]
     cfg = _config(tmp_path, model, _dataset(tmp_path / "data"), tmp_path / "run", family)
     assert main(["train", str(cfg), "--set", "train.method=full", "--set", "train.max_steps=2"]) == 0
     tuned = _stock(family, tmp_path / "run" / "final").transformer.state_dict()
@@ -192,13 +197,14 @@ def test_full_run_exports_a_stock_pipeline_folder(family: str, video_models, tmp
     assert any(not torch.equal(tuned[k], original[k]) for k in original)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_resume_is_bit_identical(family: str, video_models, tmp_path) -> None:
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_resume_is_bit_identical(case: str, video_models, tmp_path) -> None:
+    family = case.partition("@")[0]
     data = _dataset(tmp_path / "data")
     straight = tmp_path / "straight"
     extra = "[checkpoint]\nevery_steps = 3\nkeep_last = 5\n"
     settings = dict(max_steps=6, lr_scheduler="cosine", lr_warmup_steps=2, caption_dropout=0.3)
-    cfg = _config(tmp_path, video_models[family], data, straight, family, extra, **settings)
+    cfg = _config(tmp_path, video_models[case], data, straight, family, extra, **settings)
     assert main(["train", str(cfg)]) == 0
     crashed = tmp_path / "crashed"
     shutil.copytree(straight / "checkpoints" / "step_00000003", crashed / "checkpoints" / "step_00000003")
@@ -210,12 +216,13 @@ def test_resume_is_bit_identical(family: str, video_models, tmp_path) -> None:
     assert [m["loss"] for m in _metrics(straight)][3:] == [m["loss"] for m in _metrics(crashed)]
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_frame_settings_re_encode_exactly_the_affected_clips(family: str, video_models, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_frame_settings_re_encode_exactly_the_affected_clips(case: str, video_models, tmp_path, capsys) -> None:
+    family = case.partition("@")[0]
     data = _dataset(tmp_path / "data")  # two 9-frame clips at 8 fps and a still
     make_clip(data / "long.mp4", 17, colour="yellow")
     (data / "long.txt").write_text("a yellow ball")
-    cfg = _config(tmp_path, video_models[family], data, tmp_path / "run", family)
+    cfg = _config(tmp_path, video_models[case], data, tmp_path / "run", family)
 
     def counts(*overrides: str) -> tuple[int, int]:
         args = ["cache", str(cfg)]
@@ -233,10 +240,11 @@ def test_frame_settings_re_encode_exactly_the_affected_clips(family: str, video_
     assert counts() == (4, 0)  # the first settings' entries are still valid
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_lora_learns_one_clip(family: str, video_models, tmp_path) -> None:
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_lora_learns_one_clip(case: str, video_models, tmp_path) -> None:
     """A LoRA trained on one clip: the objective falls at fixed draws, and clips sampled for the caption move
     toward the clip's latents (several seeds). Margins as the image families' test (tiny random models)."""
+    family = case.partition("@")[0]
     import dittune
     from dittune.cache.build import LATENT
     from dittune.cache.store import CacheStore
@@ -244,7 +252,7 @@ def test_lora_learns_one_clip(family: str, video_models, tmp_path) -> None:
 
     data = make_video_dataset(tmp_path / "one", frames=FRAMES, fps=FPS, colours=("red",))
     caption = (data / "red.txt").read_text()
-    model, out = video_models[family], tmp_path / "run"
+    model, out = video_models[case], tmp_path / "run"
     extra = '[checkpoint]\nevery_steps = 1000\n[cache]\nlatent_sampling = "mode"\n'
     cfg = _config(tmp_path, model, data, out, family, extra, max_steps=150, batch_size=1, learning_rate=2e-3)
     assert main(["train", str(cfg)]) == 0

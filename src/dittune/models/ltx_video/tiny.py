@@ -48,6 +48,9 @@ def tiny_vae():
     with torch.no_grad():  # per-channel statistics live in the weights, as in the real checkpoint
         vae.latents_mean.copy_(torch.randn(LATENT_CHANNELS) * 0.1)
         vae.latents_std.copy_(0.5 + torch.rand(LATENT_CHANNELS))
+        # A trained encoder is nearly deterministic (small posterior variance); a random one gives std ≈ 1, which
+        # would drown an encoded image in its own sampling noise. The last output channel is the log-variance.
+        vae.encoder.conv_out.conv.bias[-1] = -8.0
     return vae
 
 
