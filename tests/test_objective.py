@@ -350,3 +350,15 @@ def test_eps_loss_is_zero_mse_for_the_true_noise_and_trains_only_variance_throug
     assert output.grad[:, 4:].abs().max() > 0
     with pytest.raises(ValueError, match="prediction_type"):
         learned_sigma_loss(tables, output, x0, x_t, eps, t, vlb=False, min_snr_gamma=None, prediction_type="sample")
+
+
+def test_ddpm_tables_refuse_a_scheduler_whose_alphas_are_not_its_betas() -> None:
+    """CogVideoX's scheduler shifts ᾱ (snr_shift_scale): tables rebuilt from its betas would be wrong."""
+    from diffusers import CogVideoXDDIMScheduler, DDPMScheduler
+
+    from dittune.models.diffusion_objective import DDPMTables
+
+    DDPMTables.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear"))  # ᾱ = ∏(1 − β): accepted
+    shifted = CogVideoXDDIMScheduler(snr_shift_scale=3.0, rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="not the product of its betas"):
+        DDPMTables.from_scheduler(shifted)

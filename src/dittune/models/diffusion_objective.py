@@ -72,11 +72,23 @@ class DDPMTables:
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> DDPMTables:
-        """Build from a diffusers scheduler's ``betas``; ᾱ is recomputed in float64 from them."""
+        """Build from a diffusers scheduler's ``betas``; ᾱ is recomputed in float64 from them.
+
+        A scheduler whose own ``alphas_cumprod`` is not the product of its betas (CogVideoX's shifts ᾱ by
+        ``snr_shift_scale``) is refused: these tables would train on the wrong noise levels. Such a family
+        reads ``scheduler.alphas_cumprod`` itself (see models/cogvideox/spec.py).
+        """
         betas = getattr(scheduler, "betas", None)
         if betas is None:
             raise TypeError(f"{type(scheduler).__name__} has no `betas`; a DDPM-style scheduler is needed")
-        return cls.from_betas(betas)
+        tables = cls.from_betas(betas)
+        own = getattr(scheduler, "alphas_cumprod", None)
+        if own is not None and not torch.allclose(own.double(), tables.alphas_cumprod, rtol=1e-4, atol=1e-6):
+            raise ValueError(
+                f"{type(scheduler).__name__}'s alphas_cumprod is not the product of its betas (a shifted or "
+                "rescaled schedule); DDPM tables built from the betas would use the wrong noise levels"
+            )
+        return tables
 
     def on(self, name: str, device: torch.device) -> torch.Tensor:
         """Table `name` on `device`: float64 (float32 on MPS, which has no float64), copied there once."""
