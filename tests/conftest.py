@@ -56,10 +56,10 @@ def family_models(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[st
     return models
 
 
-VIDEO_FAMILIES = ("ltx-video", "cogvideox", "hunyuan-video")
+VIDEO_FAMILIES = ("ltx-video", "cogvideox", "hunyuan-video", "wan")
 """Video families with a tiny builder; `tests/test_video_families.py` runs each through the same tests."""
 
-VIDEO_CASES = (*VIDEO_FAMILIES, "cogvideox@1.5")
+VIDEO_CASES = (*VIDEO_FAMILIES, "cogvideox@1.5", "wan@2.2")
 """`family` (default variant) or `family@variant`: the models the generic video tests run on."""
 
 

@@ -2,7 +2,7 @@
 full runs on clips (with a still image in the data), validation clips equal to the stock pipeline frame for
 frame, `dittune sample` and diffusers' `load_lora_weights` reproducing the LoRA, bit-exact resume, cache keys
 that follow the frame settings, and a LoRA that learns one clip. Tiny real pipelines built offline
-(conftest.VIDEO_CASES: each family, and CogVideoX 1.5 besides 1.0)."""
+(conftest.VIDEO_CASES: each family, plus CogVideoX 1.5 and Wan 2.2 TI2V-5B)."""
 
 from __future__ import annotations
 

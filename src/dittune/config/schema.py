@@ -102,7 +102,7 @@ class DataSection(Section):
         description=(
             "Frames per training clip (video families), snapped down to the family's rule (4k+1 for HunyuanVideo "
             "and CogVideoX 1.0, 8k+1 for CogVideoX 1.5 and LTX-Video); the bucket report says what was snapped. "
-            "Default: 49 for video families; image families train on single frames."
+            "Default: the family's clip length (49 for most, 81 for Wan 2.1); image families train on single frames."
         ),
         ge=1,
     )

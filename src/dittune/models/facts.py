@@ -116,6 +116,11 @@ class FamilyFacts:
         return name == cls.pipeline_class
 
     @classmethod
+    def alignment_at(cls, path: Path) -> int:
+        """The pixel alignment of the model in `path` (read from configs only; default: the class's)."""
+        return cls.alignment
+
+    @classmethod
     def image_conditioning_at(cls, path: Path) -> str:
         """Whether sampling the model in `path` takes a conditioning image: "none", "optional" (e.g. a T2V model
         also sampled image-to-video) or "required" (an image-to-video model). Read from configs only."""

@@ -28,13 +28,15 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
         return problems + _generic_checks(cfg)
     spec_cls = facts_class(cfg.model.family)
     problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
-    if cfg.data.bucket_step % spec_cls.alignment:
-        nearest = snap(cfg.data.bucket_step, spec_cls.alignment)
+    has_folder = (cfg.model.path / "model_index.json").is_file()
+    alignment = spec_cls.alignment_at(cfg.model.path) if has_folder else spec_cls.alignment
+    if cfg.data.bucket_step % alignment:
+        nearest = snap(cfg.data.bucket_step, alignment)
         problems.append(
             (
                 "data.bucket_step",
                 f"{cfg.data.bucket_step} is not a multiple of the {spec_cls.display_name} alignment "
-                f"({spec_cls.alignment}); use {nearest}.",
+                f"({alignment}); use {nearest}.",
             )
         )
     encoder_names = [slot.name for slot in spec_cls.text_encoders]
