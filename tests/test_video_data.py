@@ -3,6 +3,7 @@ clips, the resume fingerprint over frames, and the cache geometry of clips."""
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -236,3 +237,19 @@ def test_clip_geometry_changes_exactly_with_the_chosen_frames(tmp_path: Path) ->
     assert changed(geometries(frames=9, sampling="middle")) == {"seventeen.mp4"}  # nine has no room to move
     assert changed(geometries(frames=9, fps=8.0)) == set()  # the source rate already
     assert changed(geometries(frames=5, fps=4.0)) == {"nine.mp4", "seventeen.mp4"}
+
+
+def test_metadata_files_list_clips_and_stills(tmp_path: Path) -> None:
+    make_clip(tmp_path / "clips" / "a.mp4", 9)
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "still.png")
+    rows = [{"file_name": "clips/a.mp4", "text": "a ball"}, {"file_name": "still.png", "text": "a square"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    records, _ = discover(tmp_path, video=True)
+    assert [(r.path.name, r.caption, r.frames) for r in records] == [
+        ("a.mp4", "a ball", 9),
+        ("still.png", "a square", 1),
+    ]
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,text\nclips/a.mp4,a ball\n")
+    records, _ = discover(tmp_path, video=True)
+    assert [(r.path.name, r.fps) for r in records] == [("a.mp4", 8.0)]

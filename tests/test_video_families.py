@@ -190,7 +190,8 @@ def test_full_run_exports_a_stock_pipeline_folder(case: str, video_models, tmp_p
     family = case.partition("@")[0]
     model = video_models[case]
     cfg = _config(tmp_path, model, _dataset(tmp_path / "data"), tmp_path / "run", family)
-    assert main(["train", str(cfg), "--set", "train.method=full", "--set", "train.max_steps=2"]) == 0
+    args = ["--set", "train.method=full", "--set", "train.max_steps=2", "--set", "train.gradient_checkpointing=true"]
+    assert main(["train", str(cfg), *args]) == 0
     tuned = _stock(family, tmp_path / "run" / "final").transformer.state_dict()
     original = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")
     assert tuned.keys() == original.keys()
@@ -238,6 +239,7 @@ def test_frame_settings_re_encode_exactly_the_affected_clips(case: str, video_mo
     assert counts('data.frame_sampling="middle"') == (3, 1)  # only the long clip has room to move
     assert counts("data.fps=4") == (1, 1)  # 9 frames at 4 fps span 2 s: only the long clip fits, the rest skipped
     assert counts() == (4, 0)  # the first settings' entries are still valid
+    assert counts("cache.vae_tiling=true") == (0, 4)  # tiling changes latents: its own entries
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES)
