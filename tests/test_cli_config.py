@@ -285,3 +285,25 @@ def test_console_exit_skips_teardown_but_keeps_every_file(tmp_path: Path) -> Non
     assert not HunyuanDiTSpec(tmp_path / "m").inspect().warnings
     weights = sorted((tmp_path / "m").rglob("*.safetensors"))
     assert len(weights) == 4 and all(load_file(path) for path in weights)
+
+
+@pytest.mark.parametrize("case", ["ltx-video", "cogvideox@1.5", "hunyuan-video", "wan"])
+def test_config_check_of_a_video_family_needs_no_torch_and_shows_the_clips(
+    tmp_path: Path, video_models: dict[str, Path], dataset: Path, case: str
+) -> None:
+    from conftest import write_config
+
+    family = case.partition("@")[0]
+    config = write_config(tmp_path / "v.toml", video_models[case], dataset, tmp_path / "run", family=family)
+    config.write_text(config.read_text().replace("[train]", "frames = 22\nfps = 12\n[train]", 1))
+    code = (
+        "import sys\n"
+        "from dittune.cli.main import main\n"
+        f"ok = main(['config', 'check', {str(config)!r}])\n"
+        "print('RESULT', ok, 'torch' in sys.modules)\n"
+    )
+    result = _run(["-c", code], cwd=tmp_path)
+    assert "RESULT 0 False" in result.stdout, result.stdout + result.stderr
+    rule = {"ltx-video": (17, "8k+1"), "cogvideox": (17, "8k+1"), "hunyuan-video": (21, "4k+1"), "wan": (21, "4k+1")}
+    frames, name = rule[family]
+    assert f"clips: {frames} frames (data.frames 22 snapped down), {name} rule, at 12 fps" in result.stdout

@@ -100,7 +100,27 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         cpu = cpu_bf16()
         here = "bf16" if cpu.native else "fp32"
         print(f"  precision auto: bf16 on GPUs with bf16; on this CPU {here} ({cpu.detail})")
+    clips = _clip_line(cfg)
+    if clips:
+        print(clips)
     return EXIT_OK
+
+
+def _clip_line(cfg: DittuneConfig) -> str:
+    """ "  clips: 49 frames (4k+1) at the source rate, from the start", for a video family's folder; else ""."""
+    from dittune.models.registry import facts_class
+
+    facts = facts_class(cfg.model.family)
+    if not (cfg.model.path / "model_index.json").is_file():
+        return ""
+    rule = facts.frame_rule_at(cfg.model.path)
+    if not rule.is_video:
+        return ""
+    asked = cfg.data.frames or facts.default_frames
+    frames = rule.snap_down(asked)
+    snapped = f" (data.frames {asked} snapped down)" if frames != asked else ""
+    rate = f"{cfg.data.fps:g} fps" if cfg.data.fps else "each clip's own rate"
+    return f"  clips: {frames} frames{snapped}, {rule} rule, at {rate}, sampling {cfg.data.frame_sampling!r}"
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
