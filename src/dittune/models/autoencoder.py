@@ -6,7 +6,6 @@ latent (a draw or the mean), then applies the VAE's shift and scaling factors fr
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from torch import nn
 
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import Moments
-from dittune.models.folder import read_json
 
 
 def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -27,15 +25,34 @@ def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
+def posterior_moments(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's batched (mean, logvar) on the CPU, for pixels in [-1, 1] (images or clips)."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    return posterior.mean.cpu(), posterior.logvar.cpu()
+
+
+def split_moments(mean: torch.Tensor, logvar: torch.Tensor) -> list[Moments]:
+    """Batched moments → one {"mean", "logvar"} dict per sample (own storage, so each is saved alone)."""
+    return [{"mean": mean[i].clone(), "logvar": logvar[i].clone()} for i in range(mean.shape[0])]
+
+
+def draw_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator, sample: bool) -> torch.Tensor:
+    """float32 z: a posterior draw (mean + std·ε from `generator`) when `sample`, else the mean."""
+    mean = mean.float()
+    if not sample:
+        return mean
+    std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
 def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
     """(B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1] → one CPU dict {"mean", "logvar"} per image."""
     if pixels.ndim == 5:
         if pixels.shape[2] != 1:
             raise ValueError(f"an image VAE encodes single frames, got {pixels.shape[2]} frames per sample")
         pixels = pixels[:, :, 0]
-    param = next(vae.parameters())
-    posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-    mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
+    mean, logvar = posterior_moments(vae, pixels)
     return [{"mean": mean[i], "logvar": logvar[i]} for i in range(mean.shape[0])]
 
 
@@ -43,13 +60,9 @@ def latents_from_moments(
     moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool, vae_config: dict[str, Any]
 ) -> torch.Tensor:
     """Float32 model-space latents: (z − shift_factor) · scaling_factor, z drawn or the mean."""
-    mean = moments["mean"].float()
-    if sample:
-        std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        mean = mean + std * noise
+    z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
     shift = vae_config.get("shift_factor") or 0.0
-    return (mean - shift) * float(vae_config.get("scaling_factor") or 1.0)
+    return (z - shift) * float(vae_config.get("scaling_factor") or 1.0)
 
 
 def autoencoder_identity(fingerprinter: Fingerprinter, family: str, folder: Path) -> dict[str, Any]:
@@ -62,10 +75,6 @@ class AutoencoderKLFamily:
 
     path: Path
     family: str
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         return load_autoencoder(self.path / "vae", device, dtype)

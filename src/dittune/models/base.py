@@ -111,6 +111,20 @@ class ModelSpec(FamilyFacts, ABC):
 
         return read_json(self.path / self.denoiser_component / "config.json")
 
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        """MODEL/vae/config.json."""
+        from dittune.models.folder import read_json
+
+        return read_json(self.path / "vae" / "config.json")
+
+    @cached_property
+    def scheduler_config(self) -> dict[str, Any]:
+        """MODEL/scheduler/scheduler_config.json."""
+        from dittune.models.folder import read_json
+
+        return read_json(self.path / "scheduler" / "scheduler_config.json")
+
     # ----------------------------------------------------------------- inspection
     @abstractmethod
     def inspect(self) -> ModelInfo:

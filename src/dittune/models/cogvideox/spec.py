@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models.autoencoder import draw_latents, posterior_moments, split_moments
 from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, Moments, TextEmbedding, TrainBatch
 from dittune.models.cogvideox.facts import (
     I2V_PIPELINE,
@@ -52,7 +53,6 @@ from dittune.models.cogvideox.facts import (
     CogVideoXFacts,
     declared_pipeline,
 )
-from dittune.models.folder import read_json
 
 VAE_SPATIAL = 8
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
@@ -141,26 +141,10 @@ def image_noise(frame: torch.Tensor) -> torch.Tensor:
     return sigma * torch.randn(tuple(frame.shape), generator=generator)
 
 
-def _draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator, sample: bool) -> torch.Tensor:
-    mean = mean.float()
-    if not sample:
-        return mean
-    std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-
-
 class CogVideoXSpec(CogVideoXFacts, ModelSpec):
     block_lists = ("transformer_blocks",)
 
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
-
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
     @cached_property
     def is_i2v(self) -> bool:
         return declared_pipeline(self.path) == I2V_PIPELINE
@@ -266,15 +250,12 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
     @torch.no_grad()
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
         """Posterior moments of each clip (C, f, h, w); for an I2V model also those of its noised first frame."""
-        param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        moments = [{"mean": m, "logvar": v} for m, v in zip(posterior.mean.cpu(), posterior.logvar.cpu())]
+        moments = split_moments(*posterior_moments(vae, pixels))
         if self.is_i2v:
             first = pixels[:, :, :1].detach().float().cpu()
             noisy = first + torch.stack([image_noise(frame) for frame in first])
-            image = vae.encode(noisy.to(device=param.device, dtype=param.dtype)).latent_dist
-            for entry, mean, logvar in zip(moments, image.mean.cpu(), image.logvar.cpu()):
-                entry.update(image_mean=mean, image_logvar=logvar)
+            for entry, image in zip(moments, split_moments(*posterior_moments(vae, noisy))):
+                entry.update(image_mean=image["mean"], image_logvar=image["logvar"])
         return moments
 
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
@@ -295,12 +276,12 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
     ) -> torch.Tensor:
         """(B, C, f, h, w) moments → x0 = z · scaling_factor as (B, f, C, h, w), float32."""
-        z = _draw(moments["mean"], moments["logvar"], generator, sample)
+        z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
         return (z * self.scaling_factor).permute(0, 2, 1, 3, 4)
 
     def image_latents(self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool) -> torch.Tensor:
         """The cached first-frame condition, (B, 1, C, h, w), scaled as the I2V pipeline scales its image."""
-        z = _draw(moments["image_mean"], moments["image_logvar"], generator, sample)
+        z = draw_latents(moments["image_mean"], moments["image_logvar"], generator, sample)
         inverted = bool(self.vae_config.get("invert_scale_latents"))
         scale = 1.0 / self.scaling_factor if inverted else self.scaling_factor
         return (z * scale).permute(0, 2, 1, 3, 4)

@@ -15,7 +15,6 @@ distilled guidance; the cached negative prompt is passed, but the stock pipeline
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -32,7 +31,6 @@ from dittune.models.base import (
     TrainBatch,
 )
 from dittune.models.flux.facts import COMPONENTS, FluxFacts
-from dittune.models.folder import read_json
 
 CLIP_LENGTH = 77
 
@@ -76,10 +74,6 @@ class FluxSpec(FluxFacts, AutoencoderKLFamily, ModelSpec):
     """The double-stream (joint) blocks, then the single-stream ones."""
 
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
     @property
     def guidance_distilled(self) -> bool:
         return bool(self.transformer_config.get("guidance_embeds", False))

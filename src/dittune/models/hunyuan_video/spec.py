@@ -28,14 +28,13 @@ pipeline only uses it with `true_cfg_scale` > 1, which dittune leaves at 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models.autoencoder import autoencoder_identity, latents_from_moments
+from dittune.models.autoencoder import autoencoder_identity, latents_from_moments, posterior_moments, split_moments
 from dittune.models.base import (
     LossOutput,
     LossSettings,
@@ -86,14 +85,6 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
     """The double-stream (joint) blocks, then the single-stream ones."""
 
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
-
     @property
     def guidance_distilled(self) -> bool:
         return bool(self.transformer_config.get("guidance_embeds", True))
@@ -247,10 +238,7 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
                 f"{self.display_name} encodes (B, 3, F, H, W) clips with F = {self.frame_rule} frames, "
                 f"got shape {tuple(pixels.shape)}"
             )
-        param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
-        return [{"mean": mean[i], "logvar": logvar[i]} for i in range(mean.shape[0])]
+        return split_moments(*posterior_moments(vae, pixels))
 
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         return autoencoder_identity(fingerprinter, self.family, self.path / "vae")

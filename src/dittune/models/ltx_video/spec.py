@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models.autoencoder import draw_latents, posterior_moments, split_moments
 from dittune.models.base import (
     LossOutput,
     LossSettings,
@@ -40,7 +41,7 @@ from dittune.models.base import (
     TextEmbedding,
     TrainBatch,
 )
-from dittune.models.folder import read_json, weight_keys
+from dittune.models.folder import weight_keys
 from dittune.models.ltx_video.facts import COMPONENTS, LTXVideoFacts, vae_compression
 
 
@@ -69,14 +70,6 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
     block_lists = ("transformer_blocks",)
 
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
-
     @property
     def compression(self) -> tuple[int, int]:
         """(spatial, temporal) compression of the VAE."""
@@ -214,12 +207,10 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         (all of them if a VAE ever differs)."""
         if pixels.ndim == 4:
             pixels = pixels.unsqueeze(2)
-        param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
+        mean, logvar = posterior_moments(vae, pixels)
         if torch.equal(logvar, logvar[:, :1].expand_as(logvar)):
             logvar = logvar[:, :1]
-        return [{"mean": mean[i].clone(), "logvar": logvar[i].clone()} for i in range(mean.shape[0])]
+        return split_moments(mean, logvar)
 
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         return {
@@ -232,10 +223,8 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
     ) -> torch.Tensor:
         """Normalised float32 latents (B, C, f, h, w): (z − latents_mean) · scaling_factor / latents_std."""
-        z = moments["mean"].float()
-        if sample:
-            std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
-            z = z + std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        logvar = moments["logvar"].expand_as(moments["mean"])  # a shared log-variance channel is stored once
+        z = draw_latents(moments["mean"], logvar, generator, sample)
         mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in self.latent_statistics)
         return (z - mean) * float(self.vae_config.get("scaling_factor") or 1.0) / std
 

@@ -13,7 +13,6 @@ default; `loss.timestep_sampling = "shift"` uses the scheduler's shift (3.0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -29,7 +28,6 @@ from dittune.models.base import (
     TextEmbedding,
     TrainBatch,
 )
-from dittune.models.folder import read_json
 from dittune.models.sd3.facts import COMPONENTS, SD3Facts
 
 CLIP_LENGTH = 77
@@ -44,10 +42,6 @@ class SD3TextEncoders:
 
 class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
     def inspect(self) -> ModelInfo:
         cfg, scfg = self.transformer_config, self.scheduler_config
         version = "SD3.0" if not cfg.get("qk_norm") else "SD3.5"

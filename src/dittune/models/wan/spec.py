@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models.autoencoder import draw_latents, posterior_moments, split_moments
 from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, Moments, TextEmbedding, TrainBatch
 from dittune.models.folder import read_json
 from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts, two_experts
@@ -76,14 +77,6 @@ class WanSpec(WanFacts, ModelSpec):
         self.pipeline_init_extras = {"expand_timesteps": True} if self.geometry.ti2v else {}
 
     # ----------------------------------------------------------------- inspection
-    @cached_property
-    def scheduler_config(self) -> dict[str, Any]:
-        return read_json(self.path / "scheduler" / "scheduler_config.json")
-
-    @cached_property
-    def vae_config(self) -> dict[str, Any]:
-        return read_json(self.path / "vae" / "config.json")
-
     @cached_property
     def latent_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (`latents_mean`, `latents_std`) from the VAE's config, float32 (C,)."""
@@ -205,10 +198,7 @@ class WanSpec(WanFacts, ModelSpec):
                 f"{self.display_name} encodes (B, 3, F, H, W) clips with F = {rule} frames, "
                 f"got shape {tuple(pixels.shape)}"
             )
-        param = next(vae.parameters())
-        posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
-        mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
-        return [{"mean": mean[i].clone(), "logvar": logvar[i].clone()} for i in range(mean.shape[0])]
+        return split_moments(*posterior_moments(vae, pixels))
 
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         return {
@@ -221,10 +211,7 @@ class WanSpec(WanFacts, ModelSpec):
         self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
     ) -> torch.Tensor:
         """Normalised float32 latents (B, C, f, h, w): (z − latents_mean) · (1 / latents_std), z drawn or the mean."""
-        z = moments["mean"].float()
-        if sample:
-            std = torch.exp(0.5 * moments["logvar"].float().clamp(-30.0, 20.0))
-            z = z + std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
         mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in self.latent_statistics)
         return (z - mean) * (1.0 / std)
 
