@@ -148,12 +148,26 @@ class ModelSpec(FamilyFacts, ABC):
         """Everything about the text side that changes embeddings (for cache keys)."""
 
     # ---------------------------------------------------------------- image side
-    @abstractmethod
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The frozen `vae_class` from MODEL/vae, in eval mode on `device`."""
+        import diffusers
 
-    @abstractmethod
+        vae = getattr(diffusers, self.vae_class).from_pretrained(self.path / "vae", torch_dtype=dtype)
+        return vae.to(device).eval().requires_grad_(False)
+
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        """Encode a batch of samples in [-1, 1], shape (B, 3, F, H, W) (F = 1 for stills); one CPU dict each."""
+        """Encode a batch of samples in [-1, 1], shape (B, 3, F, H, W) (F = 1 for stills); one CPU dict each.
+
+        Default (video VAEs): the posterior's mean and log-variance of each clip, (C, f, h, w) each, after checking
+        the clip length against the model's frame rule."""
+        from dittune.models.autoencoder import posterior_moments, split_moments
+
+        rule = self.frame_rule_at(self.path)
+        if pixels.ndim != 5 or not rule.valid(pixels.shape[2]):
+            raise ValueError(
+                f"{self.display_name} encodes (B, 3, F, H, W) clips with F = {rule} frames, got {tuple(pixels.shape)}"
+            )
+        return split_moments(*posterior_moments(vae, pixels))
 
     def configure_vae(self, vae: nn.Module, tiling: bool) -> None:
         """Turn on the VAE's tiling and slicing (`cache.vae_tiling`) where it has them."""

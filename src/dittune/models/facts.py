@@ -104,6 +104,9 @@ class FamilyFacts:
     denoiser_class: ClassVar[str]
     """The diffusers class of the trained component."""
 
+    vae_class: ClassVar[str] = "AutoencoderKL"
+    """The diffusers class of MODEL/vae (loaded frozen by the default `ModelSpec.load_vae`)."""
+
     loss_options: ClassVar[frozenset[str]] = frozenset()
     """The `loss.*` config keys this family's objective uses; setting any other is a preflight error."""
 

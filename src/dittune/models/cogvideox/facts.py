@@ -80,6 +80,7 @@ class CogVideoXFacts(FamilyFacts):
     """The joint attention's projections, as diffusers' CogVideoX LoRA scripts target them."""
     denoiser_component = "transformer"
     denoiser_class = "CogVideoXTransformer3DModel"
+    vae_class = "AutoencoderKLCogVideoX"
     pipeline_class = T2V_PIPELINE
     loss_options = frozenset({"noise_offset", "min_snr_gamma"})
     t5_lengths = None

@@ -241,12 +241,6 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         }
 
     # ---------------------------------------------------------------- image side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKLCogVideoX
-
-        vae = AutoencoderKLCogVideoX.from_pretrained(self.path / "vae", dtype=dtype)
-        return vae.to(device).eval().requires_grad_(False)
-
     @torch.no_grad()
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
         """Posterior moments of each clip (C, f, h, w); for an I2V model also those of its noised first frame."""

@@ -31,6 +31,7 @@ class HunyuanVideoFacts(FamilyFacts):
     (`context_embedder.token_refiner.*.attn`) matches too, as in finetrainers' default."""
     denoiser_component = "transformer"
     denoiser_class = "HunyuanVideoTransformer3DModel"
+    vae_class = "AutoencoderKLHunyuanVideo"
     pipeline_class = "HunyuanVideoPipeline"
     loss_options = FLOW_LOSS_OPTIONS | {"guidance"}
 

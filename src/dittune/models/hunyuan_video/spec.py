@@ -34,13 +34,12 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models.autoencoder import autoencoder_identity, latents_from_moments, posterior_moments, split_moments
+from dittune.models.autoencoder import autoencoder_identity, latents_from_moments
 from dittune.models.base import (
     LossOutput,
     LossSettings,
     ModelInfo,
     ModelSpec,
-    Moments,
     TextEmbedding,
     TrainBatch,
 )
@@ -225,21 +224,6 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
         }
 
     # ---------------------------------------------------------------- video side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        vae = AutoencoderKLHunyuanVideo.from_pretrained(self.path / "vae", torch_dtype=dtype)
-        return vae.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        if pixels.ndim != 5 or not self.frame_rule.valid(pixels.shape[2]):
-            raise ValueError(
-                f"{self.display_name} encodes (B, 3, F, H, W) clips with F = {self.frame_rule} frames, "
-                f"got shape {tuple(pixels.shape)}"
-            )
-        return split_moments(*posterior_moments(vae, pixels))
-
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         return autoencoder_identity(fingerprinter, self.family, self.path / "vae")
 

@@ -36,6 +36,7 @@ class LTXVideoFacts(FamilyFacts):
     """Self- (attn1) and cross-attention (attn2) projections of every block."""
     denoiser_component = "transformer"
     denoiser_class = "LTXVideoTransformer3DModel"
+    vae_class = "AutoencoderKLLTXVideo"
     pipeline_class = "LTXPipeline"
     loss_options = FLOW_LOSS_OPTIONS | {"first_frame_p"}
     t5_lengths = (128, 256)

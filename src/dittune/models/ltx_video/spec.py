@@ -193,12 +193,6 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         }
 
     # ---------------------------------------------------------------- video side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKLLTXVideo
-
-        vae = AutoencoderKLLTXVideo.from_pretrained(self.path / "vae", torch_dtype=dtype)
-        return vae.to(device).eval().requires_grad_(False)
-
     @torch.no_grad()
     def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
         """(B, 3, F, H, W) → {"mean": (C, f, h, w), "logvar": (1, f, h, w)} per clip.

@@ -80,6 +80,7 @@ class WanFacts(FamilyFacts):
     """Self- (attn1) and cross-attention (attn2) projections of every block."""
     denoiser_component = "transformer"
     denoiser_class = "WanTransformer3DModel"
+    vae_class = "AutoencoderKLWan"
     pipeline_class = "WanPipeline"
     loss_options = FLOW_LOSS_OPTIONS
 

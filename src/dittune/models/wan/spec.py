@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
-from dittune.models.autoencoder import draw_latents, posterior_moments, split_moments
-from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, Moments, TextEmbedding, TrainBatch
+from dittune.models.autoencoder import draw_latents
+from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, TextEmbedding, TrainBatch
 from dittune.models.folder import read_json
 from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts, two_experts
 
@@ -183,23 +183,6 @@ class WanSpec(WanFacts, ModelSpec):
         }
 
     # ---------------------------------------------------------------- video side
-    def load_vae(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(self.path / "vae", torch_dtype=dtype)
-        return vae.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode_pixels(self, vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
-        """(B, 3, F, H, W) → {"mean": (C, f, h, w), "logvar": (C, f, h, w)} per clip."""
-        rule = self.frame_rule_at(self.path)
-        if pixels.ndim != 5 or not rule.valid(pixels.shape[2]):
-            raise ValueError(
-                f"{self.display_name} encodes (B, 3, F, H, W) clips with F = {rule} frames, "
-                f"got shape {tuple(pixels.shape)}"
-            )
-        return split_moments(*posterior_moments(vae, pixels))
-
     def vae_identity(self, fingerprinter: Fingerprinter) -> dict[str, Any]:
         return {
             "family": self.family,
