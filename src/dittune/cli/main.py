@@ -116,7 +116,7 @@ def _clip_line(cfg: DittuneConfig) -> str:
     rule = facts.frame_rule_at(cfg.model.path)
     if not rule.is_video:
         return ""
-    asked = cfg.data.frames or facts.default_frames
+    asked = cfg.data.frames or facts.default_frames_at(cfg.model.path)
     frames = rule.snap_down(asked)
     snapped = f" (data.frames {asked} snapped down)" if frames != asked else ""
     rate = f"{cfg.data.fps:g} fps" if cfg.data.fps else "each clip's own rate"

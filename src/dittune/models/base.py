@@ -100,6 +100,11 @@ class ModelSpec(FamilyFacts, ABC):
 
     def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
         self.path = Path(path)
+        # What depends on the folder (e.g. a temporal patch or another VAE), read from its configs once: on a spec
+        # instance these hold the model's values, on the class the family's defaults.
+        self.alignment = self.alignment_at(self.path)
+        self.default_frames = self.default_frames_at(self.path)
+        self.default_fps = self.default_fps_at(self.path)
         if t5_max_length is not None and self.t5_lengths is None:
             raise ValueError(f"{self.display_name} has a fixed text length; model.t5_max_length cannot change it")
         self.t5_max_length = t5_max_length or (self.t5_lengths[0] if self.t5_lengths else None)

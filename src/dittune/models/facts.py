@@ -124,6 +124,16 @@ class FamilyFacts:
         return cls.alignment
 
     @classmethod
+    def default_frames_at(cls, path: Path) -> int:
+        """`default_frames` of the model in `path` (read from configs only; default: the class's)."""
+        return cls.default_frames
+
+    @classmethod
+    def default_fps_at(cls, path: Path) -> float:
+        """`default_fps` of the model in `path` (read from configs only; default: the class's)."""
+        return cls.default_fps
+
+    @classmethod
     def image_conditioning_at(cls, path: Path) -> str:
         """Whether sampling the model in `path` takes a conditioning image: "none", "optional" (e.g. a T2V model
         also sampled image-to-video) or "required" (an image-to-video model). Read from configs only."""

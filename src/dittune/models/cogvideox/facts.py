@@ -23,25 +23,6 @@ SAMPLE_FPS = {"1.0": 8.0, "1.5": 16.0}
 """Frame rate of the official pipelines' exported clips: 49 frames at 8 fps (1.0), 81 at 16 fps (1.5)."""
 
 
-class PerModel:
-    """A class-level default that a spec instance refines from its model folder (`pick(path)`).
-
-    On the class (preflight, `FamilyFacts` checks) it reads `default`; on a spec instance it reads the
-    value for that instance's `path`, falling back to `default` when the folder cannot be read.
-    """
-
-    def __init__(self, default: Any, pick: Any) -> None:
-        self.default, self.pick = default, pick
-
-    def __get__(self, instance: Any, owner: type) -> Any:
-        if instance is None:
-            return self.default
-        try:
-            return self.pick(Path(instance.path))
-        except (OSError, ValueError, KeyError):
-            return self.default
-
-
 def _transformer_config(path: Path) -> dict[str, Any]:
     return read_json(Path(path) / "transformer" / "config.json")
 
@@ -85,10 +66,24 @@ class CogVideoXFacts(FamilyFacts):
     loss_options = frozenset({"noise_offset", "min_snr_gamma"})
     t5_lengths = None
     frame_rule = FrameRule(VAE_TEMPORAL)
-    default_frames = PerModel(49, _default_frames)  # type: ignore[assignment]
-    """The transformer's `sample_frames` (49 for 1.0, 81 for 1.5), snapped to the rule; 49 on the class."""
-    default_fps = PerModel(SAMPLE_FPS["1.0"], _default_fps)  # type: ignore[assignment]
-    """8 for 1.0, 16 for 1.5 (on the class: 8). CogVideoX has no frame-rate input: this only sets written clips."""
+    default_frames = 49
+    """On a spec instance: the transformer's `sample_frames` (49 for 1.0, 81 for 1.5), snapped to the rule."""
+    default_fps = SAMPLE_FPS["1.0"]
+    """On a spec instance: 8 for 1.0, 16 for 1.5. CogVideoX has no frame-rate input: this only sets written clips."""
+
+    @classmethod
+    def default_frames_at(cls, path: Path) -> int:
+        try:
+            return _default_frames(path)
+        except (OSError, ValueError, KeyError):
+            return cls.default_frames
+
+    @classmethod
+    def default_fps_at(cls, path: Path) -> float:
+        try:
+            return _default_fps(path)
+        except (OSError, ValueError, KeyError):
+            return cls.default_fps
 
     @classmethod
     def accepts_pipeline(cls, name: str | None) -> bool:

@@ -102,6 +102,14 @@ class WanFacts(FamilyFacts):
         return FrameRule(cls.geometry_at(path).temporal)
 
     @classmethod
+    def default_frames_at(cls, path: Path) -> int:
+        return cls.geometry_at(path).frames
+
+    @classmethod
+    def default_fps_at(cls, path: Path) -> float:
+        return cls.geometry_at(path).fps
+
+    @classmethod
     def check_folder(cls, path: Path) -> list[str]:
         problems = pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
         index = Path(path) / "model_index.json"

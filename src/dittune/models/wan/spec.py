@@ -69,11 +69,6 @@ class WanSpec(WanFacts, ModelSpec):
     def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
         super().__init__(path, t5_max_length)
         self.geometry = self.geometry_at(self.path)
-        # Declarations that depend on the folder (a TI2V-5B folder differs from Wan 2.1's class values); the
-        # trainer, sampler and validation read them from the spec instance.
-        self.alignment = self.geometry.alignment
-        self.default_frames = self.geometry.frames
-        self.default_fps = self.geometry.fps
         self.pipeline_init_extras = {"expand_timesteps": True} if self.geometry.ti2v else {}
 
     # ----------------------------------------------------------------- inspection
