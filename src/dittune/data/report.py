@@ -81,6 +81,7 @@ def plan_dataset(
     skipped: Iterable[Skipped] = (),
     repeats: int = 1,
     clips: ClipOptions = ClipOptions(),
+    fixed_size: tuple[int, int] | None = None,
 ) -> DatasetPlan:
     """Assign every record a bucket, a crop and (for a clip) its frames, sorted by key; raise `DataError` if no
     batch can be formed."""
@@ -93,6 +94,12 @@ def plan_dataset(
     sizes = bucket_sizes(resolution, resolution_type, alignment, step, max_aspect_ratio)
     skipped = list(skipped)
     notes = _frame_notes(clips)
+    if fixed_size is not None:  # the model takes one size only: every sample is resized and cropped to it
+        sizes = [fixed_size]
+        notes.append(
+            f"this model only works at {fixed_size[0]}×{fixed_size[1]}: every sample is resized and cropped to it "
+            "(data.resolution and the bucket options do not apply)."
+        )
     samples: list[PlannedSample] = []
     for record in records:
         key = sample_key(record.path, root)

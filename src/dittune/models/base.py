@@ -103,6 +103,7 @@ class ModelSpec(FamilyFacts, ABC):
         # What depends on the folder (e.g. a temporal patch or another VAE), read from its configs once: on a spec
         # instance these hold the model's values, on the class the family's defaults.
         self.alignment = self.alignment_at(self.path)
+        self.fixed_size = self.fixed_size_at(self.path)
         self.default_frames = self.default_frames_at(self.path)
         self.default_fps = self.default_fps_at(self.path)
         if t5_max_length is not None and self.t5_lengths is None:

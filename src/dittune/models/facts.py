@@ -124,6 +124,12 @@ class FamilyFacts:
         return cls.alignment
 
     @classmethod
+    def fixed_size_at(cls, path: Path) -> tuple[int, int] | None:
+        """(width, height) when the model in `path` only works at one size (e.g. learned positional
+        embeddings); every sample is then planned into that one bucket. Default: None (any aligned size)."""
+        return None
+
+    @classmethod
     def default_frames_at(cls, path: Path) -> int:
         """`default_frames` of the model in `path` (read from configs only; default: the class's)."""
         return cls.default_frames

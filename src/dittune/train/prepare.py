@@ -44,10 +44,10 @@ class PreparedData:
     stats: dict[str, CacheStats] = field(default_factory=dict)
 
 
-def validation_size(cfg: DittuneConfig, alignment: int) -> tuple[int, int]:
-    """(width, height) for validation: configured (snapped to the alignment), else the square bucket
-    of data.resolution ("pixel" or "area")."""
-    side_w, side_h = square_bucket(cfg.data.resolution, cfg.data.resolution_type, alignment)
+def validation_size(cfg: DittuneConfig, alignment: int, fixed_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(width, height) for validation: configured (snapped to the alignment), else the model's only size when it
+    has one, else the square bucket of data.resolution ("pixel" or "area")."""
+    side_w, side_h = fixed_size or square_bucket(cfg.data.resolution, cfg.data.resolution_type, alignment)
     width, height = cfg.validation.width, cfg.validation.height
     return (snap(width, alignment) if width else side_w), (snap(height, alignment) if height else side_h)
 
@@ -107,6 +107,7 @@ def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
         skipped=skipped,
         repeats=data.repeats,
         clips=clips,
+        fixed_size=spec.fixed_size,
     )
 
 

@@ -26,7 +26,7 @@ def _validation_lines(run: Run) -> list[str]:
     val = run.cfg.validation
     if not val.prompts:
         return ["Validation off (no validation.prompts)"]
-    width, height = validation_size(run.cfg, run.spec.alignment)
+    width, height = validation_size(run.cfg, run.spec.alignment, run.spec.fixed_size)
     asked = (val.width or width, val.height or height)
     snapped = "" if asked == (width, height) else f" (asked {asked[0]}×{asked[1]}; sides snap to {run.spec.alignment})"
     when = f"every {val.every_steps} steps" if val.every_steps else "at the end"

@@ -157,7 +157,7 @@ class Trainer:
                 self.batches.load(TEXT, keys[cfg.validation.negative_prompt]),
             )
         positive, negative = self._validation_text
-        width, height = validation_size(cfg, run.spec.alignment)
+        width, height = validation_size(cfg, run.spec.alignment, run.spec.fixed_size)
         request = ValidationRequest(
             prompts=cfg.validation.prompts,
             positive=positive,

@@ -19,6 +19,7 @@ I2V_PIPELINE = "CogVideoXImageToVideoPipeline"
 TEXT_LENGTH = 226
 """T5 tokens of every CogVideoX model (the transformer's `max_text_seq_length`)."""
 VAE_TEMPORAL = 4
+VAE_SPATIAL = 8
 SAMPLE_FPS = {"1.0": 8.0, "1.5": 16.0}
 """Frame rate of the official pipelines' exported clips: 49 frames at 8 fps (1.0), 81 at 16 fps (1.5)."""
 
@@ -70,6 +71,17 @@ class CogVideoXFacts(FamilyFacts):
     """On a spec instance: the transformer's `sample_frames` (49 for 1.0, 81 for 1.5), snapped to the rule."""
     default_fps = SAMPLE_FPS["1.0"]
     """On a spec instance: 8 for 1.0, 16 for 1.5. CogVideoX has no frame-rate input: this only sets written clips."""
+
+    @classmethod
+    def fixed_size_at(cls, path: Path) -> tuple[int, int] | None:
+        """The 1.0 I2V model (5B-I2V) has learned positional embeddings for its sample size (720×480) only."""
+        try:
+            config = _transformer_config(path)
+        except (OSError, ValueError):
+            return None
+        if not config.get("use_learned_positional_embeddings"):
+            return None
+        return int(config.get("sample_width", 90)) * VAE_SPATIAL, int(config.get("sample_height", 60)) * VAE_SPATIAL
 
     @classmethod
     def default_frames_at(cls, path: Path) -> int:
