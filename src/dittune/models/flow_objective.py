@@ -45,6 +45,34 @@ def resolution_shift(
     return math.exp(mu)
 
 
+def scheduler_shift(scheduler_config: dict) -> float:
+    """The fixed σ shift a flow scheduler config samples with: `shift` (FlowMatchEuler) or `flow_shift` (UniPC)."""
+    if scheduler_config.get("_class_name") == "UniPCMultistepScheduler":
+        return float(scheduler_config.get("flow_shift") or 1.0)
+    return float(scheduler_config.get("shift") or 1.0)
+
+
+def training_shift(settings: LossSettings, scheduler_config: dict, sequence_length: int | None = None) -> float | None:
+    """The σ shift for training: an explicit `loss.flow_shift`; else, for "shift" sampling, the shift the stock
+    pipeline samples with — `resolution_shift` of `sequence_length` tokens for a scheduler with dynamic shifting
+    (Flux, LTX-Video), its fixed shift otherwise; else none."""
+    if settings.flow_shift is not None:
+        return settings.flow_shift
+    if settings.timestep_sampling != "shift":
+        return None
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return scheduler_shift(scheduler_config)
+    if sequence_length is None:
+        raise ValueError("a scheduler with dynamic shifting needs the sequence length")
+    return resolution_shift(
+        sequence_length,
+        int(scheduler_config.get("base_image_seq_len", 256)),
+        int(scheduler_config.get("max_image_seq_len", 4096)),
+        float(scheduler_config.get("base_shift", 0.5)),
+        float(scheduler_config.get("max_shift", 1.15)),
+    )
+
+
 def sample_sigmas(
     count: int,
     sampling: TimestepSampling,

@@ -104,23 +104,10 @@ class FluxSpec(FluxFacts, AutoencoderKLFamily, ModelSpec):
         return LossSettings(timestep_sampling="shift")
 
     def sampling_shift(self, settings: LossSettings, latent_height: int, latent_width: int) -> float | None:
-        """Explicit `flow_shift`, else for "shift" sampling the scheduler's shift for this size, else none."""
-        from dittune.models.flow_objective import resolution_shift
+        """The σ shift for training: the pipeline's for this size's packed sequence (see `training_shift`)."""
+        from dittune.models.flow_objective import training_shift
 
-        if settings.flow_shift is not None:
-            return settings.flow_shift
-        if settings.timestep_sampling != "shift":
-            return None
-        scfg = self.scheduler_config
-        if not scfg.get("use_dynamic_shifting"):
-            return float(scfg.get("shift", 1.0))
-        return resolution_shift(
-            (latent_height // 2) * (latent_width // 2),
-            int(scfg.get("base_image_seq_len", 256)),
-            int(scfg.get("max_image_seq_len", 4096)),
-            float(scfg.get("base_shift", 0.5)),
-            float(scfg.get("max_shift", 1.15)),
-        )
+        return training_shift(settings, self.scheduler_config, (latent_height // 2) * (latent_width // 2))
 
     def describe_objective(self, settings: LossSettings) -> str:
         from dittune.models import flow_objective as flow

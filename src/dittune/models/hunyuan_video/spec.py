@@ -137,12 +137,10 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
         return LossSettings(timestep_sampling="shift")
 
     def sampling_shift(self, settings: LossSettings, scheduler_config: dict[str, Any]) -> float | None:
-        """The σ shift for training: explicit, else the scheduler's for "shift" sampling, else none."""
-        if settings.flow_shift is not None:
-            return settings.flow_shift
-        if settings.timestep_sampling == "shift":
-            return float(scheduler_config.get("shift", 1.0))
-        return None
+        """The σ shift for training (see `flow_objective.training_shift`)."""
+        from dittune.models.flow_objective import training_shift
+
+        return training_shift(settings, scheduler_config)
 
     def describe_objective(self, settings: LossSettings) -> str:
         from dittune.models import flow_objective as flow

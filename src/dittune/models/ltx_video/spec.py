@@ -21,7 +21,6 @@ image) and it is left out of the loss, so the model keeps working image-to-video
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -134,20 +133,11 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         return LossSettings(timestep_sampling="shift", first_frame_p=0.1)
 
     def sampling_shift(self, settings: LossSettings, frames: int, height: int, width: int) -> float | None:
-        """Explicit `flow_shift`, else for "shift" sampling the pipeline's shift for a latent grid of this size
-        (frames × height × width latent tokens), else none."""
-        if settings.flow_shift is not None:
-            return settings.flow_shift
-        if settings.timestep_sampling != "shift":
-            return None
-        scfg = self.scheduler_config
-        if not scfg.get("use_dynamic_shifting"):
-            return float(scfg.get("shift", 1.0))
-        base_len, max_len = int(scfg.get("base_image_seq_len", 256)), int(scfg.get("max_image_seq_len", 4096))
-        base_shift, max_shift = float(scfg.get("base_shift", 0.5)), float(scfg.get("max_shift", 1.15))
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        mu = base_shift + slope * (frames * height * width - base_len)
-        return math.exp(mu)  # the scheduler's exponential time shift with μ: σ → e^μ σ / (1 + (e^μ − 1) σ)
+        """The σ shift for training: the pipeline's for a latent grid of this size (frames × height × width
+        tokens; `flow_objective.training_shift`)."""
+        from dittune.models.flow_objective import training_shift
+
+        return training_shift(settings, self.scheduler_config, frames * height * width)
 
     def describe_objective(self, settings: LossSettings) -> str:
         from dittune.models import flow_objective as flow

@@ -38,6 +38,7 @@ from torch import nn
 from dittune.fingerprint import Fingerprinter
 from dittune.models.autoencoder import draw_latents
 from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, TextEmbedding, TrainBatch
+from dittune.models.flow_objective import scheduler_shift
 from dittune.models.folder import read_json
 from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts, two_experts
 
@@ -54,13 +55,6 @@ def clean_prompt(prompt: str) -> str:
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     return prompt_clean(prompt)
-
-
-def scheduler_shift(scheduler_config: dict[str, Any]) -> float:
-    """The σ shift of a Wan scheduler config: UniPC's `flow_shift`, or FlowMatchEuler's `shift`."""
-    if scheduler_config.get("_class_name") == "UniPCMultistepScheduler":
-        return float(scheduler_config.get("flow_shift") or 1.0)
-    return float(scheduler_config.get("shift") or 1.0)
 
 
 class WanSpec(WanFacts, ModelSpec):
@@ -121,11 +115,9 @@ class WanSpec(WanFacts, ModelSpec):
 
     def sampling_shift(self, settings: LossSettings) -> float | None:
         """The σ shift for training: explicit, else the scheduler's for "shift" sampling, else none."""
-        if settings.flow_shift is not None:
-            return settings.flow_shift
-        if settings.timestep_sampling == "shift":
-            return scheduler_shift(self.scheduler_config)
-        return None
+        from dittune.models.flow_objective import training_shift
+
+        return training_shift(settings, self.scheduler_config)
 
     def describe_objective(self, settings: LossSettings) -> str:
         from dittune.models import flow_objective as flow
