@@ -87,17 +87,24 @@ def test_facts_need_no_torch_and_describe_both_layouts(spec: WanSpec, models: di
     assert (WanSpec.alignment, WanSpec.default_frames) == (16, 81)  # the instance values do not leak
 
 
-def test_a_two_expert_folder_is_refused(spec: WanSpec, tmp_path: Path) -> None:
-    """A Wan 2.2 A14B folder (transformer_2 + boundary_ratio) is named as such, before anything loads."""
+def test_a_half_declared_two_expert_folder_is_refused(spec: WanSpec, tmp_path: Path) -> None:
+    """A Wan 2.2 A14B folder needs both experts and the boundary between them (tests/test_wan_a14b.py trains one);
+    a model_index.json with only one of them is named as such, before anything loads."""
     folder = tmp_path / "a14b"
     shutil.copytree(spec.path, folder)
+    shutil.copytree(spec.path / "transformer", folder / "transformer_2")
     index = json.loads((folder / "model_index.json").read_text())
-    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
-    (folder / "model_index.json").write_text(json.dumps(index))
-    (problem,) = WanSpec.check_folder(folder)
-    assert "A14B" in problem and "transformer_2" in problem
-    with pytest.raises(ValueError, match="A14B"):
-        WanSpec(folder).inspect()
+    halves = [
+        ({"boundary_ratio": 0.875}, "no transformer_2"),
+        ({"transformer_2": ["diffusers", "WanTransformer3DModel"]}, "boundary_ratio is None"),
+    ]
+    for declared, message in halves:
+        (folder / "model_index.json").write_text(json.dumps({**index, **declared}))
+        (problem,) = WanSpec.check_folder(folder)
+        assert "A14B" in problem and message in problem
+        assert set(WanSpec.experts_at(folder)) == {"high_noise", "low_noise"}
+        with pytest.raises(ValueError, match=message):
+            WanSpec(folder, expert="high_noise").inspect()
 
 
 def test_prompt_embeddings_match_the_stock_encode_prompt(spec: WanSpec, stock, embeddings) -> None:
@@ -292,4 +299,4 @@ def test_the_tiny_build_is_deterministic(models: dict[str, Path], tmp_path: Path
     for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/config.json", "tokenizer/tokenizer.json"):
         assert (again / part).read_bytes() == (models["2.1"] / part).read_bytes(), part
     with pytest.raises(ValueError, match="unknown variant"):
-        build_tiny_wan(tmp_path / "nope", "2.2-a14b")
+        build_tiny_wan(tmp_path / "nope", "2.3")

@@ -51,7 +51,9 @@ def run_sample(
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: use one of {', '.join(OUTPUT_SUFFIXES)}")
-    spec = spec_class(family or detect_family(model))(model)
+    spec_cls = spec_class(family or detect_family(model))
+    # the stock pipeline samples with every expert of a model that has several: any one names the spec
+    spec = spec_cls(model, expert=next(iter(spec_cls.experts_at(model)), None))
     for warning in spec.inspect().warnings:
         print(f"warning: {warning}")
     rule = spec.frame_rule_at(spec.path)

@@ -43,6 +43,14 @@ class ModelSection(Section):
         ),
         ge=1,
     )
+    expert: str | None = Field(
+        None,
+        description=(
+            "For models with several denoiser experts, the one this run trains (required there), e.g. Wan 2.2 "
+            'A14B: "high_noise" trains `transformer` (the steps above the boundary), "low_noise" trains '
+            "`transformer_2`. Training draws noise levels from the expert's side of the boundary only."
+        ),
+    )
 
 
 class DataSection(Section):

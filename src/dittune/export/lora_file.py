@@ -1,11 +1,17 @@
 """The dittune LoRA file: safetensors with diffusers-style keys and its settings in the metadata.
 
-Keys: `<component>.<module path>.lora_A.weight` / `.lora_B.weight` (e.g.
-`transformer.blocks.0.attn1.to_q.lora_A.weight`). Metadata:
-- `dittune_lora`: JSON with format, family, component, rank, alpha, targets, base model, version;
+Keys: `<prefix>.<module path>.lora_A.weight` / `.lora_B.weight` (e.g.
+`transformer.blocks.0.attn1.to_q.lora_A.weight`), the prefix being the component. Metadata:
+- `dittune_lora`: JSON with format, family, component, rank, alpha, targets, base model, version, and
+  `key_prefix` when the keys are not prefixed by the component;
 - `lora_adapter_metadata`: the peft LoraConfig fields diffusers' `load_lora_weights` reads, prefixed
-  with the component as diffusers writes them (`transformer.r`, `transformer.lora_alpha`, ...).
+  like the keys, as diffusers writes them (`transformer.r`, `transformer.lora_alpha`, ...).
 Alpha is always stored, so tools never fall back to a wrong scale.
+
+`key_prefix` serves a family whose diffusers loader reads every adapter under one name and picks the
+component with an argument: Wan 2.2 A14B's low-noise expert (`transformer_2`) is saved with
+`transformer.` keys, which `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)` expects;
+`dittune.load_lora` still applies it to `component`.
 """
 
 from __future__ import annotations
@@ -32,25 +38,35 @@ class LoraInfo:
     base_model: str = ""
     version: str = ""
     extra: dict = field(default_factory=dict)
+    key_prefix: str | None = None
+    """The prefix of the file's keys when it is not `component` (None: the component)."""
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def prefix(self) -> str:
+        """The prefix of the file's keys and peft metadata."""
+        return self.key_prefix or self.component
+
 
 def save_lora(path: Path, state: dict[str, torch.Tensor], info: LoraInfo) -> Path:
-    """Write the adapter atomically; `state` keys are relative to the component."""
+    """Write the adapter atomically; `state` keys are relative to the component (prefixed by `info.prefix`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{info.component}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-    # diffusers' load_lora_weights reads these keys prefixed with the component ("transformer.r", ...)
+    tensors = {f"{info.prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    # diffusers' load_lora_weights reads these keys prefixed like the tensors ("transformer.r", ...)
     peft_meta = {
-        f"{info.component}.{key}": value
+        f"{info.prefix}.{key}": value
         for key, value in {"r": info.rank, "lora_alpha": info.alpha, "target_modules": info.targets}.items()
     }
+    settings = asdict(info)
+    if info.prefix == info.component:
+        del settings["key_prefix"]  # files whose keys carry the component stay as they always were
     metadata = {
         "format": "pt",
-        "dittune_lora": json.dumps({"format": FORMAT, **asdict(info)}, sort_keys=True),
+        "dittune_lora": json.dumps({"format": FORMAT, **settings}, sort_keys=True),
         "lora_adapter_metadata": json.dumps(peft_meta, sort_keys=True),
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -71,6 +87,6 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], LoraInfo]:
         raw = json.loads(metadata["dittune_lora"])
         raw.pop("format", None)
         info = LoraInfo(**raw)
-        prefix = info.component + "."
+        prefix = info.prefix + "."
         state = {k.removeprefix(prefix): handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     return state, info

@@ -98,8 +98,15 @@ class ModelSpec(FamilyFacts, ABC):
     class (`dittune.models.facts.FamilyFacts`).
     """
 
-    def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
+    def __init__(self, path: str | Path, t5_max_length: int | None = None, expert: str | None = None) -> None:
         self.path = Path(path)
+        # A model with several denoiser experts (`experts_at`) trains the one named by `expert` (`model.expert`).
+        problem = self.expert_problem(self.path, expert)
+        if problem:
+            raise ValueError(problem)
+        self.expert = expert
+        if expert is not None:
+            self.denoiser_component = self.experts_at(self.path)[expert]
         # What depends on the folder (e.g. a temporal patch or another VAE), read from its configs once: on a spec
         # instance these hold the model's values, on the class the family's defaults.
         self.alignment = self.alignment_at(self.path)
@@ -264,15 +271,29 @@ class ModelSpec(FamilyFacts, ABC):
         """Whether sampling requires a conditioning image (an image-to-video model)."""
         return self.image_conditioning_at(self.path) == "required"
 
+    @property
+    def frozen_experts(self) -> list[str]:
+        """Pipeline components of the experts this run does not train (frozen in validation's pipeline)."""
+        return [c for c in self.experts_at(self.path).values() if c != self.denoiser_component]
+
     def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any, conditioned: bool = False) -> Any:
         """The stock pipeline around a live denoiser; every other required component (text encoders,
-        tokenizers, safety checker) is None, as validation feeds cached embeddings."""
+        tokenizers, safety checker) is None, as validation feeds cached embeddings. The experts not trained
+        (`frozen_experts`) are loaded frozen from the folder in the VAE's dtype, on the CPU (see
+        `offloaded_parts`)."""
         import inspect
 
         import diffusers
 
         cls = getattr(diffusers, self.sampling_pipeline_class(conditioned))
-        given = {self.denoiser_component: denoiser, "vae": vae, "scheduler": scheduler, **self.pipeline_init_extras}
+        experts = {name: self._frozen_expert(name, next(vae.parameters()).dtype) for name in self.frozen_experts}
+        given = {
+            self.denoiser_component: denoiser,
+            "vae": vae,
+            "scheduler": scheduler,
+            **experts,
+            **self.pipeline_init_extras,
+        }
         params = inspect.signature(cls.__init__).parameters
         absent = {
             name: None
@@ -282,6 +303,17 @@ class ModelSpec(FamilyFacts, ABC):
         pipeline = cls(**absent, **given)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def _frozen_expert(self, component: str, dtype: torch.dtype) -> nn.Module:
+        import diffusers
+
+        expert = getattr(diffusers, self.denoiser_class).from_pretrained(self.path / component, torch_dtype=dtype)
+        return expert.eval().requires_grad_(False)
+
+    def offloaded_parts(self, pipeline: Any) -> list[nn.Module]:
+        """Frozen modules of a `build_pipeline` result, besides the VAE, that wait on the CPU between validations
+        (the trainer moves them to the device for a validation and back): the frozen experts."""
+        return [getattr(pipeline, name) for name in self.frozen_experts]
 
     def load_pipeline(self, dtype: torch.dtype, conditioned: bool = False) -> Any:
         """The complete stock pipeline from the model folder (used by `dittune sample`)."""

@@ -96,7 +96,12 @@ class FamilyFacts:
     text_encoders: ClassVar[tuple[TextEncoderSlot, ...]]
     default_lora_targets: ClassVar[tuple[str, ...]]
     denoiser_component: ClassVar[str] = "transformer"
-    """Name of the trained component inside the family's diffusers pipeline."""
+    """Name of the trained component inside the family's diffusers pipeline (on a spec instance of a model with
+    experts: the chosen expert's component)."""
+
+    lora_key_prefix: ClassVar[str | None] = None
+    """The key prefix of exported LoRA files when diffusers' loader of the family reads every adapter under one
+    name, whichever component it goes into (Wan 2.2: "transformer", also for `transformer_2`); None: the component."""
 
     pipeline_class: ClassVar[str]
     """The family's stock diffusers pipeline class name (as in model_index.json)."""
@@ -149,6 +154,28 @@ class FamilyFacts:
     def frame_rule_at(cls, path: Path) -> FrameRule:
         """The frame rule of the model in `path` (read from configs only; default: the class's)."""
         return cls.frame_rule
+
+    @classmethod
+    def experts_at(cls, path: Path) -> dict[str, str]:
+        """Expert name → pipeline component, for a model in `path` whose denoising is split between several
+        denoisers (e.g. by noise level); one is trained per run (`model.expert`). Default: {} (one denoiser)."""
+        return {}
+
+    @classmethod
+    def expert_problem(cls, path: Path, expert: str | None) -> str | None:
+        """What is wrong with `model.expert` for the model in `path` (read from configs only), or None."""
+        experts = cls.experts_at(path)
+        choices = ", ".join(f"{name!r} (trains {component})" for name, component in experts.items())
+        if experts and expert is None:
+            return (
+                f"{path} has {len(experts)} denoiser experts and one is trained per run; "
+                f"set model.expert to one of {choices}."
+            )
+        if expert is not None and not experts:
+            return f"{cls.display_name} at {path} has a single denoiser; remove model.expert."
+        if expert is not None and expert not in experts:
+            return f"unknown expert {expert!r}; {path} has {choices}."
+        return None
 
     @classmethod
     def check_folder(cls, path: Path) -> list[str]:

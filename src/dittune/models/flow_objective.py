@@ -8,6 +8,11 @@ prediction turns back into the clean latent as ``x0 = x_σ − σ·v``.
 default), "mode" (SD3 paper's mode sampling with a scale) or "shift" (uniform, then shifted as the
 inference schedule is). An explicit shift s maps σ to s·σ / (1 + (s − 1)·σ), which equals diffusers'
 exponential time shift with μ = ln s. Loss weights per σ: "none", "sigma_sqrt" (σ⁻²), "cosmap".
+
+A σ range (`within`, e.g. one expert's side of a model's expert boundary) keeps the draw's own
+distribution restricted to the range: its quantile is mapped linearly into the range's quantiles, so σ
+follows the draw's distribution conditioned on lying in the range (what rejection sampling gives, as
+musubi-tuner's `--preserve_distribution_shape` does, with one draw per sample).
 """
 
 from __future__ import annotations
@@ -73,6 +78,34 @@ def training_shift(settings: LossSettings, scheduler_config: dict, sequence_leng
     )
 
 
+def unshift_sigma(sigma: float, shift: float) -> float:
+    """The inverse of `shift_sigmas` for one σ: σ / (s − (s − 1)·σ)."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def _mode_sigma(u: float | torch.Tensor, mode_scale: float):
+    """SD3's mode sampling: σ = 1 − u − scale·(cos²(πu/2) − 1 + u), decreasing from 1 (u = 0) to 0 (u = 1)."""
+    cos = torch.cos(math.pi * u / 2.0) if isinstance(u, torch.Tensor) else math.cos(math.pi * u / 2.0)
+    return 1.0 - u - mode_scale * (cos**2 - 1.0 + u)
+
+
+def _quantile(sigma: float, sampling: str, logit_mean: float, logit_std: float, mode_scale: float) -> float:
+    """The probability of the base draw (uniform u, or Φ of the normal) that gives the unshifted `sigma`."""
+    if sigma <= 0.0 or sigma >= 1.0:
+        edge = float(sigma >= 1.0)
+        return 1.0 - edge if sampling == "mode" else edge
+    if sampling == "logit_normal":
+        z = (math.log(sigma / (1.0 - sigma)) - logit_mean) / logit_std
+        return 0.5 * math.erfc(-z / math.sqrt(2.0))
+    if sampling == "mode":  # σ(u) decreases: bisect for the u that gives `sigma`
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2.0
+            low, high = (middle, high) if _mode_sigma(middle, mode_scale) > sigma else (low, middle)
+        return (low + high) / 2.0
+    return sigma
+
+
 def sample_sigmas(
     count: int,
     sampling: TimestepSampling,
@@ -83,26 +116,40 @@ def sample_sigmas(
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
     shift: float | None = None,
+    within: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """`count` noise levels σ in (0, 1), float32.
 
-    `shift` is applied after the draw when given (for "shift" it is required).
+    `shift` is applied after the draw when given (for "shift" it is required). `within` = (low, high) keeps σ
+    in [low, high) with the draw's own distribution restricted to that range (see the module's docstring).
     """
-    if sampling == "logit_normal":
-        draw = torch.randn(count, generator=generator, device=device) * logit_std + logit_mean
-        sigmas = torch.sigmoid(draw)
-    elif sampling == "mode":
-        u = torch.rand(count, generator=generator, device=device)
-        sigmas = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
-    elif sampling in ("uniform", "shift"):
-        sigmas = torch.rand(count, generator=generator, device=device)
-        if sampling == "shift" and shift is None:
-            raise ValueError('timestep sampling "shift" needs a shift value')
-    else:
+    if sampling == "shift" and shift is None:
+        raise ValueError('timestep sampling "shift" needs a shift value')
+    if sampling not in ("uniform", "shift", "logit_normal", "mode"):
         raise ValueError(f"unknown timestep sampling {sampling!r}; use uniform, logit_normal, mode or shift")
+    bounds = None
+    if within is not None:
+        unshifted = [unshift_sigma(b, shift) if shift is not None else b for b in within]
+        bounds = sorted(_quantile(b, sampling, logit_mean, logit_std, mode_scale) for b in unshifted)
+    if sampling == "logit_normal":
+        draw = torch.randn(count, generator=generator, device=device)
+        if bounds is not None:
+            precise = torch.float32 if draw.device.type == "mps" else torch.float64  # MPS has no float64
+            p = bounds[0] + (bounds[1] - bounds[0]) * torch.special.ndtr(draw.to(precise))
+            draw = torch.special.ndtri(p).float()
+        sigmas = torch.sigmoid(draw * logit_std + logit_mean)
+    else:
+        u = torch.rand(count, generator=generator, device=device)
+        if bounds is not None:
+            u = bounds[0] + (bounds[1] - bounds[0]) * u
+        sigmas = _mode_sigma(u, mode_scale) if sampling == "mode" else u
     if shift is not None:
         sigmas = shift_sigmas(sigmas, shift)
-    return sigmas.clamp(_EPS, 1.0 - _EPS).float()
+    sigmas = sigmas.clamp(_EPS, 1.0 - _EPS).float()
+    if within is not None:  # rounding must not cross the range's edges: [low, high)
+        high = torch.nextafter(torch.tensor(within[1], dtype=torch.float32), torch.tensor(0.0))
+        sigmas = sigmas.clamp(min(max(within[0], _EPS), float(high)), float(high))
+    return sigmas
 
 
 def _expand(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -157,9 +204,13 @@ def flow_matching_loss(
 
 
 def training_draw(
-    x0: torch.Tensor, settings: LossSettings, generator: torch.Generator, shift: float | None
+    x0: torch.Tensor,
+    settings: LossSettings,
+    generator: torch.Generator,
+    shift: float | None,
+    within: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(σ, noise, x_σ) for one batch from the loss settings; `shift` as `sample_sigmas` takes it."""
+    """(σ, noise, x_σ) for one batch from the loss settings; `shift` and `within` as `sample_sigmas` takes them."""
     sigmas = sample_sigmas(
         x0.shape[0],
         settings.timestep_sampling,  # type: ignore[arg-type]
@@ -169,6 +220,7 @@ def training_draw(
         logit_std=settings.logit_std,
         mode_scale=settings.mode_scale,
         shift=shift,
+        within=within,
     )
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return sigmas, noise, noisy_latents(x0, noise, sigmas)

@@ -30,7 +30,7 @@ _TINY_BUILDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ltx-video": ("dittune.models.ltx_video.tiny:build_tiny_ltx_video", ("0.9",)),
     "cogvideox": ("dittune.models.cogvideox.tiny:build_tiny_cogvideox", ("1.0", "1.5", "1.0-i2v", "1.5-i2v")),
     "hunyuan-video": ("dittune.models.hunyuan_video.tiny:build_tiny_hunyuan_video", ("t2v",)),
-    "wan": ("dittune.models.wan.tiny:build_tiny_wan", ("2.1", "2.2")),
+    "wan": ("dittune.models.wan.tiny:build_tiny_wan", ("2.1", "2.2", "2.2-a14b")),
 }
 
 

@@ -29,6 +29,9 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
     spec_cls = facts_class(cfg.model.family)
     problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
     has_folder = (cfg.model.path / "model_index.json").is_file()
+    expert_problem = spec_cls.expert_problem(cfg.model.path, cfg.model.expert) if has_folder else None
+    if expert_problem:
+        problems.append(("model.expert", expert_problem))
     alignment = spec_cls.alignment_at(cfg.model.path) if has_folder else spec_cls.alignment
     if cfg.data.bucket_step % alignment:
         nearest = snap(cfg.data.bucket_step, alignment)

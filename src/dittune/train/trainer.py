@@ -171,14 +171,17 @@ class Trainer:
             fps=validation_fps(cfg, run.spec, run.prepared.plan),
             images=[load_image(path) for path in cfg.validation.images] or None,
         )
-        run.vae.to(device)
+        parked = [run.vae, *run.spec.offloaded_parts(self._pipeline)]  # frozen parts wait on the CPU
+        for part in parked:
+            part.to(device)
         denoiser.eval()
         try:
             out_dir = cfg.output_dir / "validation" / f"step_{self.step:08d}"
             result = run_validation(run.spec, self._pipeline, request, out_dir, run.accelerator.autocast)
         finally:
             denoiser.train()
-            run.vae.to("cpu")
+            for part in parked:
+                part.to("cpu")
         self.validation_errors += [f"step {self.step}: {e}" for e in result.errors]
         if result.grid is not None:
             self._log_grid(result.grid)
@@ -216,6 +219,7 @@ class Trainer:
         info = LoraInfo(
             family=run.spec.family,
             component=run.spec.denoiser_component,
+            key_prefix=run.spec.lora_key_prefix,
             rank=cfg.lora.rank,
             alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
             targets=list(cfg.lora.targets or run.spec.default_lora_targets),

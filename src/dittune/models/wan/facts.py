@@ -1,4 +1,8 @@
-"""Wan 2.1 / 2.2 text-to-video: the family's declarations that need no torch (see `dittune.models.facts`)."""
+"""Wan 2.1 / 2.2 text-to-video: the family's declarations that need no torch (see `dittune.models.facts`).
+
+Wan 2.2 A14B splits denoising between two experts of the same architecture: `transformer` (high noise) takes the
+steps with timestep ≥ `boundary_ratio`·1000 (model_index.json; 0.875 for T2V-A14B), `transformer_2` (low noise)
+the rest. One expert is trained per run (`model.expert`: "high_noise" or "low_noise")."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ from dittune.models.folder import pipeline_folder_problems, read_json
 COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 TEXT_LENGTH = 512
 """UMT5 tokens per prompt: `WanPipeline.__call__`'s `max_sequence_length`."""
+EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+"""Wan 2.2 A14B's experts → their pipeline components (the pipeline's own names: `transformer` for the
+high-noise stage, `transformer_2` for the low-noise one)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,14 @@ def two_experts(index: dict[str, Any]) -> bool:
     return index.get("boundary_ratio") is not None or (isinstance(second, list) and any(second))
 
 
+def read_index(path: Path) -> dict[str, Any]:
+    """MODEL/model_index.json, or {} where it is missing or unreadable (check_folder reports that)."""
+    try:
+        return read_json(Path(path) / "model_index.json")
+    except (OSError, ValueError):
+        return {}
+
+
 class WanFacts(FamilyFacts):
     family = "wan"
     display_name = "Wan"
@@ -83,6 +98,9 @@ class WanFacts(FamilyFacts):
     vae_class = "AutoencoderKLWan"
     pipeline_class = "WanPipeline"
     loss_options = FLOW_LOSS_OPTIONS
+    lora_key_prefix = "transformer"
+    """diffusers' `WanPipeline.load_lora_weights` reads `transformer.` keys for either expert and loads them into
+    `transformer_2` when given `load_into_transformer_2=True`; a low-noise LoRA is written that way."""
 
     @classmethod
     def geometry_at(cls, path: Path) -> WanGeometry:
@@ -110,13 +128,31 @@ class WanFacts(FamilyFacts):
         return cls.geometry_at(path).fps
 
     @classmethod
+    def experts_at(cls, path: Path) -> dict[str, str]:
+        """{"high_noise": "transformer", "low_noise": "transformer_2"} for a Wan 2.2 A14B folder, else {}."""
+        return dict(EXPERTS) if two_experts(read_index(path)) else {}
+
+    @classmethod
+    def boundary_at(cls, path: Path) -> float | None:
+        """The σ (= timestep / 1000) where an A14B pipeline switches experts: `boundary_ratio`; None: one denoiser."""
+        ratio = read_index(path).get("boundary_ratio")
+        return float(ratio) if ratio is not None else None
+
+    @classmethod
     def check_folder(cls, path: Path) -> list[str]:
-        problems = pipeline_folder_problems(path, cls.pipeline_class, COMPONENTS)
-        index = Path(path) / "model_index.json"
-        if index.is_file() and two_experts(read_json(index)):
+        index = read_index(path)
+        experts = two_experts(index)
+        components = (*COMPONENTS, "transformer_2") if experts else COMPONENTS
+        problems = pipeline_folder_problems(path, cls.pipeline_class, components)
+        ratio, second = index.get("boundary_ratio"), index.get("transformer_2")
+        if experts and not (isinstance(second, list) and any(second)):
             problems.append(
-                f"{path} is a Wan 2.2 A14B folder (two experts: transformer for high noise, transformer_2 for low "
-                "noise, switched at boundary_ratio); dittune trains one denoiser per run and cannot train it yet. "
-                "Wan 2.1 and Wan 2.2 TI2V-5B folders work."
+                f"{path}/model_index.json sets boundary_ratio but no transformer_2; a Wan 2.2 A14B folder needs "
+                "both experts (transformer for high noise, transformer_2 for low noise)."
+            )
+        elif experts and not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+            problems.append(
+                f"{path}/model_index.json declares transformer_2 but boundary_ratio is {ratio!r}; a Wan 2.2 A14B "
+                "folder switches experts at a boundary_ratio between 0 and 1 (0.875 for T2V-A14B)."
             )
         return problems

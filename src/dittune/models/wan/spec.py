@@ -22,7 +22,14 @@ embedding treats alike.
 
 Wan 2.2 TI2V-5B folders (`expand_timesteps` in model_index.json) get the timestep once per latent token, as
 that pipeline feeds it, and their own alignment (32), clip length (121 frames), rate (24 fps) and size
-(1280×704). Wan 2.2 A14B folders (two experts) are refused by `check_folder`: see `WanFacts`.
+(1280×704).
+
+Wan 2.2 A14B folders (two experts, `transformer` for timesteps ≥ boundary_ratio·1000 and `transformer_2` below;
+T2V-A14B: 0.875) train one expert per run (`model.expert`: "high_noise" or "low_noise"). The expert only sees its
+side of the boundary b: σ is drawn as above and restricted to [b, 1) (high noise) or (0, b) (low noise), keeping
+the draw's distribution within the range (`flow_objective.sample_sigmas(within=...)`; musubi-tuner's recommended
+A14B recipe: min/max timestep 875/1000 and 0/875 with `--preserve_distribution_shape`). Validation samples with the
+whole A14B pipeline: the live expert and the other one loaded frozen from the folder, switched at b.
 """
 
 from __future__ import annotations
@@ -39,8 +46,7 @@ from dittune.fingerprint import Fingerprinter
 from dittune.models.autoencoder import draw_latents
 from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, TextEmbedding, TrainBatch
 from dittune.models.flow_objective import scheduler_shift
-from dittune.models.folder import read_json
-from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts, two_experts
+from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts
 
 
 @dataclass
@@ -60,10 +66,25 @@ def clean_prompt(prompt: str) -> str:
 class WanSpec(WanFacts, ModelSpec):
     block_lists = ("blocks",)
 
-    def __init__(self, path: str | Path, t5_max_length: int | None = None) -> None:
-        super().__init__(path, t5_max_length)
+    def __init__(self, path: str | Path, t5_max_length: int | None = None, expert: str | None = None) -> None:
+        super().__init__(path, t5_max_length, expert)
         self.geometry = self.geometry_at(self.path)
         self.pipeline_init_extras = {"expand_timesteps": True} if self.geometry.ti2v else {}
+        self.boundary = self.boundary_at(self.path) if expert is not None else None
+        if self.boundary is not None:
+            self.pipeline_init_extras = {**self.pipeline_init_extras, "boundary_ratio": self.boundary}
+
+    @property
+    def sigma_range(self) -> tuple[float, float] | None:
+        """The σ range the trained expert denoises: [boundary, 1) for high noise, (0, boundary) for low; None
+        for a single denoiser. The pipeline gives `transformer` the timesteps t ≥ boundary·1000."""
+        if self.boundary is None:
+            return None
+        return (self.boundary, 1.0) if self.denoiser_component == "transformer" else (0.0, self.boundary)
+
+    def _range_text(self) -> str:
+        low, high = self.sigma_range
+        return f"{'[' if low > 0 else '('}{low:g}, {high:g})"
 
     # ----------------------------------------------------------------- inspection
     @cached_property
@@ -73,9 +94,9 @@ class WanSpec(WanFacts, ModelSpec):
 
     def inspect(self) -> ModelInfo:
         cfg, scfg, vcfg, geometry = self.transformer_config, self.scheduler_config, self.vae_config, self.geometry
-        index = read_json(self.path / "model_index.json")
-        if two_experts(index):
-            raise ValueError(self.check_folder(self.path)[-1])
+        problems = self.check_folder(self.path) if self.expert is not None else []
+        if problems:
+            raise ValueError(problems[-1])
         name = scfg.get("_class_name")
         flow = name == "FlowMatchEulerDiscreteScheduler" or (
             name == "UniPCMultistepScheduler"
@@ -98,6 +119,8 @@ class WanSpec(WanFacts, ModelSpec):
         heads, layers = int(cfg.get("num_attention_heads", 40)), int(cfg.get("num_layers", 40))
         if geometry.ti2v:
             version = "2.2 TI2V-5B"
+        elif self.boundary is not None:
+            version = "2.2 A14B"
         else:
             version = {(12, 30): "2.1 1.3B", (40, 40): "2.1 14B"}.get((heads, layers), "2.1")
         summary = {
@@ -108,6 +131,8 @@ class WanSpec(WanFacts, ModelSpec):
             "timesteps": "per token" if geometry.ti2v else "per clip",
             "text_length": TEXT_LENGTH,
         }
+        if self.boundary is not None:
+            summary["expert"] = f"{self.expert} ({self.denoiser_component}), σ in {self._range_text()}"
         return ModelInfo(family=self.family, version=version, path=self.path, summary=summary)
 
     def default_loss_settings(self, method: str) -> LossSettings:
@@ -124,6 +149,11 @@ class WanSpec(WanFacts, ModelSpec):
 
         shift = self.sampling_shift(settings)
         line = flow.describe(settings, f"{shift:g}" if shift else None)
+        if self.sigma_range is not None:
+            line += (
+                f", {self.expert} expert ({self.denoiser_component}): σ in {self._range_text()} "
+                "(the draw restricted to the expert's side of the boundary)"
+            )
         return line + (", timestep per token (TI2V)" if self.geometry.ti2v else "")
 
     # ------------------------------------------------------------------ text side
@@ -197,7 +227,8 @@ class WanSpec(WanFacts, ModelSpec):
         from dittune.models import flow_objective as flow
 
         x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, self.sampling_shift(settings))
+        shift = self.sampling_shift(settings)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift, self.sigma_range)
         prediction = self.forward(denoiser, x_t, sigmas, batch.text)
         loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
         return LossOutput(loss=loss, logs=logs)

@@ -9,8 +9,10 @@ Variants:
 - "2.1": Wan 2.1 T2V (the 1.3B / 14B layout): the Wan 2.1 VAE (8× spatial, 4× temporal compression), flow
   shift 3.0 (the 480p setting).
 - "2.2": Wan 2.2 TI2V-5B: the Wan 2.2 VAE (2×2 pixel unshuffle, then 8×: 16× spatial, 4× temporal, residual
-  blocks), per-token timesteps (`expand_timesteps`), flow shift 5.0. Wan 2.2's A14B layout (two experts
-  switched at a noise boundary) is not built: dittune trains one denoiser per run (see `WanFacts.check_folder`).
+  blocks), per-token timesteps (`expand_timesteps`), flow shift 5.0.
+- "2.2-a14b": Wan 2.2 T2V-A14B: two experts of the same architecture (`transformer` for high noise,
+  `transformer_2` for low noise, different random weights) switched at `boundary_ratio` 0.875, the Wan 2.1 VAE,
+  flow shift 3.0 (as the released Wan2.2-T2V-A14B-Diffusers folder).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from dittune.models.tiny_parts import check_empty, save_pipeline
 from dittune.models.tiny_text import write_t5_tokenizer
 
-VARIANTS = ("2.1", "2.2")
+VARIANTS = ("2.1", "2.2", "2.2-a14b")
 LATENT_CHANNELS, TEXT_HIDDEN, TEXT_LENGTH = 4, 32, 512
-FLOW_SHIFT = {"2.1": 3.0, "2.2": 5.0}
+FLOW_SHIFT = {"2.1": 3.0, "2.2": 5.0, "2.2-a14b": 3.0}
+A14B_BOUNDARY = 0.875
+"""Wan2.2-T2V-A14B's `boundary_ratio` (the I2V-A14B model switches at 0.9)."""
 
 
 def latent_statistics(seed: int) -> tuple[list[float], list[float]]:
@@ -126,9 +130,14 @@ def build_tiny_wan(out_dir: str | Path, variant: str = "2.1", seed: int = 0) -> 
             vae=tiny_vae(variant, seed),
             scheduler=wan_scheduler(FLOW_SHIFT[variant]),
             transformer=tiny_transformer(),
+            transformer_2=tiny_transformer() if variant == "2.2-a14b" else None,
+            boundary_ratio=A14B_BOUNDARY if variant == "2.2-a14b" else None,
             expand_timesteps=variant == "2.2",
         )
-        layout = "TI2V-5B layout, ×16 VAE" if variant == "2.2" else "T2V layout, ×8 VAE"
+        layout = {
+            "2.2": "TI2V-5B layout, ×16 VAE",
+            "2.2-a14b": f"T2V-A14B layout: two experts switched at {A14B_BOUNDARY}, ×8 VAE",
+        }.get(variant, "T2V layout, ×8 VAE")
         readme = (
             f"# Tiny Wan {variant} ({layout}), random weights\n\n"
             f"Built offline by `dittune tiny wan OUT --variant {variant} --seed {seed}`.\n"
