@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -76,7 +77,7 @@ class Fingerprinter:
         if self.memo_file is None or not self._dirty:
             return
         self.memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.memo_file.with_suffix(".tmp")
+        tmp = self.memo_file.with_name(f".{self.memo_file.name}.{uuid.uuid4().hex}.tmp")  # several processes may save
         tmp.write_text(json.dumps(self._memo, indent=0, sort_keys=True))
         os.replace(tmp, self.memo_file)
         self._dirty = False

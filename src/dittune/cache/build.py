@@ -59,6 +59,28 @@ class CacheStats:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """This process's share of cache work when several processes fill one cache: the missing entries are
+    numbered, process `rank` of `world` encodes those whose number ≡ rank (mod world), then everyone meets at
+    `barrier` and reads what the others wrote. One process: everything, no barrier."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def mine(self, items: Sequence[Any]) -> list[Any]:
+        return [item for number, item in enumerate(items) if number % self.world == self.rank]
+
+    @property
+    def shows_progress(self) -> bool:
+        return self.rank == 0
+
+
+ONE_PROCESS = Shard()
+"""The share of a single process: all the work, no barrier."""
+
+
+@dataclass(frozen=True)
 class LatentJob:
     """One image variant to encode: where it comes from, its geometry, and how to load it."""
 
@@ -90,22 +112,26 @@ def ensure_text_embeddings(
     storage_dtype: str,
     batch_size: int,
     progress: bool = True,
+    shard: Shard = ONE_PROCESS,
 ) -> tuple[dict[str, str], CacheStats]:
     """Make sure every prompt has a cached embedding; returns prompt → key and the stats.
 
-    Text encoders are loaded only when something is missing, and released before returning.
+    Text encoders are loaded only when something is missing (in this process's `shard`), and released before
+    returning. With several processes each encodes its share, then all wait for the others.
     """
     start = time.perf_counter()
     identity = spec.text_identity(fingerprinter)
     keys = {p: text_key(identity, p, compute_dtype, storage_dtype) for p in dict.fromkeys(prompts)}
     missing = [p for p, key in keys.items() if not store.contains(TEXT, key)]
     stats = CacheStats(hits=len(keys) - len(missing), misses=len(missing))
-    if missing:
+    mine = shard.mine(missing)
+    if mine:
         encoders = spec.load_text_encoders(device, DTYPES[compute_dtype])
         try:
-            bar = tqdm(total=len(missing), desc="Encoding captions", unit="caption", disable=not progress)
-            for first in range(0, len(missing), batch_size):
-                chunk = missing[first : first + batch_size]
+            show = progress and shard.shows_progress
+            bar = tqdm(total=len(mine), desc="Encoding captions", unit="caption", disable=not show)
+            for first in range(0, len(mine), batch_size):
+                chunk = mine[first : first + batch_size]
                 for prompt, embedding in zip(chunk, spec.encode_prompts(encoders, chunk)):
                     fields = {"prompt": prompt, "compute": compute_dtype, "storage": storage_dtype}
                     store.save(TEXT, keys[prompt], _stored(embedding, DTYPES[storage_dtype]), fields)
@@ -114,6 +140,11 @@ def ensure_text_embeddings(
         finally:
             del encoders
             release_memory()
+    if shard.world > 1:
+        shard.barrier()
+        absent = [p for p in missing if not store.contains(TEXT, keys[p])]
+        if absent:
+            raise RuntimeError(f"{len(absent)} text embedding(s) were not written by the other processes")
     stats.seconds = time.perf_counter() - start
     return keys, stats
 
@@ -147,12 +178,15 @@ def ensure_latents(
     load_errors: tuple[type[BaseException], ...] = (OSError, ValueError),
     progress: bool = True,
     vae_options: dict[str, Any] | None = None,
+    shard: Shard = ONE_PROCESS,
 ) -> tuple[list[str | None], CacheStats]:
     """Make sure every job has cached VAE moments; returns one key per job (None if it failed).
 
     Failed loads (corrupt or truncated files) are reported in the stats, never raised. The VAE is
     requested from `get_vae` only when something is missing. `load_errors` are the exception types
     a job's loader raises for a bad image. `vae_options` (e.g. tiling) join the VAE identity in the keys.
+    With several processes (`shard`), each encodes its share of the missing entries, then all wait for the
+    others; an entry another process could not encode is reported as failed on every process.
     """
     start = time.perf_counter()
     identity = {**spec.vae_identity(fingerprinter), **(vae_options or {})}
@@ -171,14 +205,17 @@ def ensure_latents(
     for index, key in enumerate(keys):
         if key is not None and not store.contains(LATENT, key):
             todo[jobs[index].group].append(index)
-    missing = sum(len(v) for v in todo.values())
-    stats.hits = sum(key is not None for key in keys) - missing
+    missing = [index for indices in todo.values() for index in indices]
+    stats.hits = sum(key is not None for key in keys) - len(missing)
+    mine = set(shard.mine(missing))
+    todo = {group: [i for i in indices if i in mine] for group, indices in todo.items() if set(indices) & mine}
+    clips = any(job.group[2:] not in ((), (1,)) for job in jobs)
     if todo:
         vae = get_vae()
-        clips = any(job.group[2:] not in ((), (1,)) for job in jobs)
         # Clips are encoded one at a time (bounded memory, progress per clip); stills in batches.
         chunks = [chunk for indices in todo.values() for chunk in _split(indices, 1 if clips else batch_size)]
-        bar = tqdm(total=missing, desc="Encoding latents", unit="clip" if clips else "img", disable=not progress)
+        show = progress and shard.shows_progress
+        bar = tqdm(total=len(mine), desc="Encoding latents", unit="clip" if clips else "img", disable=not show)
         with _Pipeline(jobs, load_errors) as pipeline:
             for chunk, (loaded, failures) in zip(chunks, pipeline.loaded(chunks)):
                 for index, reason in failures:
@@ -198,10 +235,32 @@ def ensure_latents(
                 bar.update(len(chunk))
             stats.misses += pipeline.wait_for_writes()
         bar.close()
+    if missing:
         stats.unit = "clip" if clips else "img"
+    if shard.world > 1:
+        _collect_others(store, jobs, keys, [i for i in missing if i not in mine], stats, shard)
     stats.seconds = time.perf_counter() - start
     stats.megabytes = _megabytes(store, {key for key in keys if key is not None})
     return keys, stats
+
+
+def _collect_others(
+    store: CacheStore,
+    jobs: Sequence[LatentJob],
+    keys: list[str | None],
+    theirs: list[int],
+    stats: CacheStats,
+    shard: Shard,
+) -> None:
+    """After the barrier: count the entries the other processes wrote; one they could not write failed here too."""
+    shard.barrier()
+    for index in theirs:
+        key = keys[index]
+        if key is not None and store.contains(LATENT, key):
+            stats.misses += 1
+        else:
+            stats.failed.append((jobs[index].source, "failed to decode in another process (see its log)"))
+            keys[index] = None
 
 
 def _megabytes(store: CacheStore, keys: set[str]) -> float:

@@ -223,9 +223,11 @@ def _no_full_batch_message(buckets: dict[Bucket, list[int]], batch_size: int, re
 
 
 def format_bucket_report(
-    plan: DatasetPlan, batch_size: int, gradient_accumulation_steps: int = 1, repeats: int = 1
+    plan: DatasetPlan, batch_size: int, gradient_accumulation_steps: int = 1, repeats: int = 1, processes: int = 1
 ) -> str:
-    """A readable table of buckets, batches per epoch, partial or dropped batches, and skipped files."""
+    """A readable table of buckets, batches per epoch, partial or dropped batches, and skipped files.
+
+    With several processes, `batch_size` is the global batch (per-process batch × processes)."""
     drop = plan.incomplete_batches == "drop"
     clips = any(sample.record.is_video for sample in plan.samples)
     header = ("bucket w×h×frames" if clips else "bucket", "aspect", "clips" if clips else "images", "batches/epoch")
@@ -254,7 +256,10 @@ def format_bucket_report(
     rows.append(("total", "", str(total_images), str(total_batches), f"{total_dropped} dropped" if drop else ""))
 
     lines = [
-        f"Buckets: {len(plan.buckets)} (batch_size {batch_size}, repeats {repeats}, "
+        f"Buckets: {len(plan.buckets)} ("
+        + (f"global batch {batch_size} = {batch_size // processes} × {processes} processes" if processes > 1 else "")
+        + (f"batch_size {batch_size}" if processes == 1 else "")
+        + f", repeats {repeats}, "
         f"gradient_accumulation_steps {gradient_accumulation_steps})"
     ]
     lines += _table(header, rows)

@@ -13,7 +13,7 @@ Bucket = tuple[int, ...]
 BatchItem = tuple[int, bool]
 """(sample index, horizontal flip)."""
 
-_SETTING_NAMES = ("batch_size", "repeats", "shuffle", "drop_incomplete", "random_flip")
+_SETTING_NAMES = ("batch_size", "repeats", "shuffle", "drop_incomplete", "random_flip", "world")
 
 
 class BucketBatchSampler:
@@ -24,6 +24,12 @@ class BucketBatchSampler:
     last partial one kept unless `drop_incomplete`), a flip is drawn per sample occurrence with
     probability 0.5 when `random_flip`, and finally the batch order is shuffled across buckets. With
     `shuffle=False` the order is buckets sorted by size, indices in the given order.
+
+    Several processes (`world` > 1) share one stream of *global* batches of `batch_size × world` samples: process
+    `rank` takes its `batch_size` slice of each, so the processes see different samples and together exactly
+    what one process with the global batch would. A last, incomplete global batch is split evenly; when it does
+    not divide, it is topped up with its own first samples (as torch's DistributedSampler pads), so every
+    process steps together.
     """
 
     def __init__(
@@ -35,7 +41,11 @@ class BucketBatchSampler:
         drop_incomplete: bool = False,
         random_flip: bool = False,
         repeats: int = 1,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world} process(es)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if repeats < 1:
@@ -47,6 +57,7 @@ class BucketBatchSampler:
         self.drop_incomplete = drop_incomplete
         self.random_flip = random_flip
         self.repeats = repeats
+        self.rank, self.world = rank, world
         self.fingerprint = _layout_fingerprint(self._buckets)
         if self.batches_per_epoch == 0:
             sizes = ", ".join(f"{'×'.join(map(str, b))}: {len(indices)}" for b, indices in self._buckets.items())
@@ -64,12 +75,23 @@ class BucketBatchSampler:
         """Number of batches in every epoch."""
         total = 0
         for indices in self._buckets.values():
-            full, remainder = divmod(len(indices) * self.repeats, self.batch_size)
+            full, remainder = divmod(len(indices) * self.repeats, self.batch_size * self.world)
             total += full + (1 if remainder and not self.drop_incomplete else 0)
         return total
 
     def epoch_batches(self, epoch: int) -> list[list[BatchItem]]:
-        """All batches of `epoch`, in order (a pure function of the epoch, seed and sampler inputs)."""
+        """This process's batches of `epoch`, in order (a pure function of the epoch, seed, rank and sampler inputs)."""
+        return [self._slice(batch) for batch in self.global_batches(epoch)]
+
+    def _slice(self, batch: list[BatchItem]) -> list[BatchItem]:
+        if self.world == 1:
+            return batch
+        per = -(-len(batch) // self.world)
+        padded = [batch[i % len(batch)] for i in range(per * self.world)]
+        return padded[self.rank * per : (self.rank + 1) * per]
+
+    def global_batches(self, epoch: int) -> list[list[BatchItem]]:
+        """Every process's batches of `epoch` together (`batch_size × world` samples each)."""
         order_rng = np.random.default_rng(_derived_seed(self.seed, epoch, "order"))
         flip_rng = np.random.default_rng(_derived_seed(self.seed, epoch, "flip"))
         batches: list[list[BatchItem]] = []
@@ -84,9 +106,10 @@ class BucketBatchSampler:
                 flips = (flip_rng.random(len(sequence)) < 0.5).tolist()
             else:
                 flips = [False] * len(sequence)
-            for start in range(0, len(sequence), self.batch_size):
-                chunk = list(zip(sequence[start : start + self.batch_size], flips[start : start + self.batch_size]))
-                if len(chunk) < self.batch_size and self.drop_incomplete:
+            size = self.batch_size * self.world
+            for start in range(0, len(sequence), size):
+                chunk = list(zip(sequence[start : start + size], flips[start : start + size]))
+                if len(chunk) < size and self.drop_incomplete:
                     continue
                 batches.append(chunk)
         if self.shuffle:

@@ -11,8 +11,10 @@ import torch
 
 from dittune.cache.build import (
     DTYPES,
+    ONE_PROCESS,
     CacheStats,
     LatentJob,
+    Shard,
     ensure_latents,
     ensure_text_embeddings,
     release_memory,
@@ -88,7 +90,8 @@ def latent_geometry(placement: Placement, flip: bool) -> dict:
     return geometry
 
 
-def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
+def plan_data(cfg: DittuneConfig, spec: ModelSpec, processes: int = 1) -> DatasetPlan:
+    """Discover and plan the dataset; batches are global (`train.batch_size` × `processes`)."""
     data = cfg.data
     clips = clip_options(cfg, spec)
     records, skipped = discover(data.path, data.caption_extension, data.missing_caption, video=clips.rule.is_video)
@@ -102,7 +105,7 @@ def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
         max_aspect_ratio=data.max_aspect_ratio,
         crop=data.crop,
         crop_seed=data.crop_seed,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size * processes,
         incomplete_batches=data.incomplete_batches,
         skipped=skipped,
         repeats=data.repeats,
@@ -111,8 +114,10 @@ def plan_data(cfg: DittuneConfig, spec: ModelSpec) -> DatasetPlan:
     )
 
 
-def bucket_report(cfg: DittuneConfig, plan: DatasetPlan) -> str:
-    return format_bucket_report(plan, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.data.repeats)
+def bucket_report(cfg: DittuneConfig, plan: DatasetPlan, processes: int = 1) -> str:
+    train = cfg.train
+    global_batch = train.batch_size * processes
+    return format_bucket_report(plan, global_batch, train.gradient_accumulation_steps, cfg.data.repeats, processes)
 
 
 def prepare_data(
@@ -124,10 +129,12 @@ def prepare_data(
     get_vae: Callable[[], torch.nn.Module],
     progress: bool = True,
     announce: Callable[[str], None] = print,
+    shard: Shard = ONE_PROCESS,
 ) -> PreparedData:
-    """Plan buckets (report printed before any encoding), then fill both caches."""
-    plan = plan_data(cfg, spec)
-    announce(bucket_report(cfg, plan))
+    """Plan buckets (report printed before any encoding), then fill both caches (split across processes by
+    `shard`)."""
+    plan = plan_data(cfg, spec, shard.world)
+    announce(bucket_report(cfg, plan, shard.world))
     store = CacheStore(cfg.cache_dir)
     fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
     flips = (False, True) if cfg.data.random_flip else (False,)
@@ -158,6 +165,7 @@ def prepare_data(
         load_errors=(ImageLoadError,),
         progress=progress,
         vae_options={"tiling": True} if cfg.cache.vae_tiling else None,
+        shard=shard,
     )
     failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
     if failed_keys:
@@ -180,6 +188,7 @@ def prepare_data(
         storage_dtype=cfg.cache.text_dtype,
         batch_size=cfg.cache.text_batch_size,
         progress=progress,
+        shard=shard,
     )
     fingerprinter.save()
     # No collection here: text encoders are released by ensure_text_embeddings, the VAE by its owner (fill_caches).
@@ -187,7 +196,7 @@ def prepare_data(
         plan=plan,
         latent_keys=latent_keys,
         text_keys=text_keys,
-        report=bucket_report(cfg, plan),
+        report=bucket_report(cfg, plan, shard.world),
         stats={"latents": latent_stats, "text": text_stats},
     )
 
@@ -201,6 +210,7 @@ def fill_caches(
     keep_vae: bool,
     progress: bool = True,
     announce: Callable[[str], None] = print,
+    shard: Shard = ONE_PROCESS,
 ) -> tuple[PreparedData, torch.nn.Module | None]:
     """`prepare_data` with the VAE loaded only if needed; returns it (moved to CPU) when `keep_vae`."""
     holder: dict[str, torch.nn.Module] = {}
@@ -212,7 +222,14 @@ def fill_caches(
         return holder["vae"]
 
     prepared = prepare_data(
-        cfg, spec, device=device, compute_dtype=compute_dtype, get_vae=get_vae, progress=progress, announce=announce
+        cfg,
+        spec,
+        device=device,
+        compute_dtype=compute_dtype,
+        get_vae=get_vae,
+        progress=progress,
+        announce=announce,
+        shard=shard,
     )
     encoded = "vae" in holder  # loaded for missing latents
     vae = get_vae().to("cpu") if keep_vae else None

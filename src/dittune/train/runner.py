@@ -78,7 +78,14 @@ def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = Tr
     run = build_run(cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print)
     start_step = 0
     if resume_path is not None:
-        start_step = int(load_checkpoint(accelerator, resume_path)["step"])
+        state, own = load_checkpoint(accelerator, resume_path)
+        if own is None:
+            raise ValueError(
+                f"{resume_path} has no per-process generator state (written by an older dittune): resuming would "
+                "not continue the same random draws. Start a new run, or resume with the version that wrote it."
+            )
+        start_step = int(state["step"])
+        run.load_process_state(own)
     if accelerator.is_main_process:
         tracker_config = {
             k: v
@@ -100,7 +107,7 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     """Build or refresh the caches only; returns the `PreparedData`."""
 
     from dittune.train.prepare import fill_caches
-    from dittune.train.setup import load_spec, run_precision, training_device, weight_dtype_name
+    from dittune.train.setup import cache_shard, load_spec, run_precision, training_device, weight_dtype_name
 
     device = training_device()
     check(cfg, device.type)
@@ -111,9 +118,20 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     for warning in info.warnings:
         print(f"warning: {warning}")
     print(f"Encoding in {weight_dtype_name(cfg, precision)} ({precision.reason})")
+    shard = cache_shard()
+    say = print if shard.rank == 0 else (lambda _line: None)
     prepared, _ = fill_caches(
-        cfg, spec, device=device, compute_dtype=weight_dtype_name(cfg, precision), keep_vae=False, progress=progress
+        cfg,
+        spec,
+        device=device,
+        compute_dtype=weight_dtype_name(cfg, precision),
+        keep_vae=False,
+        progress=progress,
+        announce=say,
+        shard=shard,
     )
+    if shard.rank:
+        return prepared
     print(prepared.stats["latents"].line("latents"))
     print(prepared.stats["text"].line("text"))
     print(f"cache: {cfg.cache_dir}")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dittune.cache.build import DTYPES
+from dittune.cache.build import DTYPES, Shard
 from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.sampler import BucketBatchSampler
@@ -25,11 +25,30 @@ log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def training_device() -> torch.device:
-    """The device accelerate will train on (this process's GPU, else the CPU)."""
+def launched_on_cpu() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate only sets up its
+    CPU process group (gloo) when asked for the CPU explicitly; otherwise every process would train alone."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def distributed_state() -> Any:
+    """accelerate's process state (the process group is created on first use)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=launched_on_cpu())
+
+
+def training_device() -> torch.device:
+    """The device accelerate will train on (this process's GPU, else the CPU)."""
+    return distributed_state().device
+
+
+def cache_shard() -> Shard:
+    """This process's share of cache encoding, with the barrier that ends it."""
+    state = distributed_state()
+    return Shard(state.process_index, state.num_processes, state.wait_for_everyone)
 
 
 def run_precision(cfg: DittuneConfig, device: torch.device | str) -> Precision:
@@ -61,19 +80,6 @@ def loss_settings(cfg: DittuneConfig, spec: ModelSpec) -> LossSettings:
     return settings
 
 
-class GeneratorState:
-    """Makes a torch.Generator checkpointable through accelerate's registered objects."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["state"])
-
-
 @dataclass
 class Run:
     """The live objects of a training run."""
@@ -100,6 +106,15 @@ class Run:
     """Transformer blocks compiled by `train.compile` (0: eager)."""
     notes: list[str] = field(default_factory=list)
 
+    def process_state(self) -> dict[str, torch.Tensor]:
+        """What differs between processes and a checkpoint must keep per process: the noise and data generators
+        (accelerate saves registered objects from the main process only)."""
+        return {"noise_generator": self.noise_generator.get_state(), "data_generator": self.data_generator.get_state()}
+
+    def load_process_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.noise_generator.set_state(state["noise_generator"])
+        self.data_generator.set_state(state["data_generator"])
+
 
 def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> Any:
     """An Accelerator computing in `precision` (default: resolved from the config for this machine)."""
@@ -114,6 +129,7 @@ def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> 
     precision = precision or run_precision(cfg, training_device())
     project = ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs"))
     return Accelerator(
+        cpu=launched_on_cpu(),
         mixed_precision=precision.mixed_precision,
         log_with=list(cfg.train.trackers) or None,
         project_config=project,
@@ -149,6 +165,7 @@ def build_run(
         keep_vae=bool(cfg.validation.prompts),
         progress=progress,
         announce=announce,
+        shard=Shard(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone),
     )
 
     torch.manual_seed(cfg.train.seed)
@@ -190,11 +207,13 @@ def build_run(
         drop_incomplete=cfg.data.incomplete_batches == "drop",
         random_flip=cfg.data.random_flip,
         repeats=cfg.data.repeats,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
     )
     rank = accelerator.process_index
     noise_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + 1 + rank)
     data_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 2 + rank)
-    for obj in (lr_scheduler, sampler, GeneratorState(noise_generator), GeneratorState(data_generator)):
+    for obj in (lr_scheduler, sampler):  # the same on every process: saved once (by the main process)
         accelerator.register_for_checkpointing(obj)
     if cfg.train.method == "lora":
         _register_adapter_hooks(accelerator)

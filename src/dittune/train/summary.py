@@ -61,7 +61,9 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         + (f" r={cfg.lora.rank} alpha={cfg.lora.alpha or cfg.lora.rank:g}" if cfg.train.method == "lora" else "")
         + f", {_count(trainable)} trainable of {_count(total)} parameters",
         f"           {cfg.train.max_steps} steps × batch {cfg.train.batch_size} × accumulation "
-        f"{cfg.train.gradient_accumulation_steps} × {run.accelerator.num_processes} process(es)",
+        f"{cfg.train.gradient_accumulation_steps} × {run.accelerator.num_processes} process(es) = "
+        f"{cfg.train.batch_size * cfg.train.gradient_accumulation_steps * run.accelerator.num_processes} "
+        "samples per step",
         f"           lr {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}), "
         f"{cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
         + (f"compiled {run.compiled_blocks} blocks" if run.compiled_blocks else "eager (train.compile off)"),

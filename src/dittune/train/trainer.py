@@ -138,8 +138,13 @@ class Trainer:
     # -------------------------------------------------------------- side tasks
     def checkpoint(self) -> Path:
         run = self.run
-        state = {"step": self.step, "config": json.loads(run.cfg.model_dump_json())}
-        return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, run.cfg.checkpoint.keep_last)
+        state = {
+            "step": self.step,
+            "processes": run.accelerator.num_processes,
+            "config": json.loads(run.cfg.model_dump_json()),
+        }
+        keep = run.cfg.checkpoint.keep_last
+        return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, keep, run.process_state())
 
     def validate(self) -> ValidationResult | None:
         run, cfg = self.run, self.run.cfg
