@@ -1,6 +1,7 @@
 """Several processes on one CPU (torchrun, gloo): the run is really distributed, the cache work is split so each
-entry is encoded once, each process trains on its own share of every global batch, and a 2-process run resumes
-bit-identically (a different process count is refused, naming the fix)."""
+entry is encoded once, each process trains on its own share of every global batch, and a 2-process run with
+gradient accumulation (accelerate's `accumulate`) resumes bit-identically (a different process count is refused,
+naming the fix)."""
 
 from __future__ import annotations
 
@@ -93,11 +94,13 @@ def test_two_processes_train_and_resume_bit_identically(setup, family_models, tm
     _, data = setup
     straight = tmp_path / "straight"
     extra = "[checkpoint]\nevery_steps = 3\nkeep_last = 5\n"
-    settings = dict(max_steps=6, batch_size=1, caption_dropout=0.3, lr_scheduler="cosine")
+    settings = dict(
+        max_steps=6, batch_size=1, gradient_accumulation_steps=2, caption_dropout=0.3, lr_scheduler="cosine"
+    )
     cfg = write_config(tmp_path / "cfg.toml", family_models["sd3"], data, straight, extra, family="sd3", **settings)
     result = _torchrun(["-m", "dittune", "train", str(cfg)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) = 2 samples per step" in result.stdout
+    assert "accumulation 2 × 2 process(es) = 4 samples per step" in result.stdout
     checkpoint = straight / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in checkpoint.glob("process_*.pt")) == ["process_000.pt", "process_001.pt"]
     generators = [torch.load(checkpoint / f"process_00{r}.pt")["noise_generator"] for r in (0, 1)]

@@ -131,6 +131,7 @@ def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> 
     return Accelerator(
         cpu=launched_on_cpu(),
         mixed_precision=precision.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=list(cfg.train.trackers) or None,
         project_config=project,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,15 +89,16 @@ class Trainer:
         total = torch.zeros((), device=run.accelerator.device)
         logs: dict[str, torch.Tensor | float] = {}
         samples = 0
-        for micro in range(accumulation):
+        for _ in range(accumulation):
             _, items = run.sampler.next_batch()
             batch = self.batches.collate(items, run.data_generator)
             samples += batch.size
-            sync = micro == accumulation - 1
-            with nullcontext() if sync else run.accelerator.no_sync(run.denoiser):
+            # accelerate's accumulation: gradients sync (DDP) or the engine steps (DeepSpeed) on the last
+            # micro-batch only, and `backward` divides the loss by the number of micro-batches.
+            with run.accelerator.accumulate(run.denoiser):
                 with run.accelerator.autocast():
                     out = run.spec.compute_loss(run.denoiser, run.scheduler, batch, run.noise_generator, run.loss)
-                run.accelerator.backward(out.loss / accumulation)
+                run.accelerator.backward(out.loss)
             total += out.loss.detach() / accumulation
             for key, value in out.logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accumulation
