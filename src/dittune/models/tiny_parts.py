@@ -71,12 +71,14 @@ def tiny_autoencoder(
     )
 
 
-def tiny_t5_encoder(vocab_size: int, hidden: int):
-    """A 2-layer `T5EncoderModel` (gated-GELU like T5 v1.1 / mT5), `hidden` wide."""
-    from transformers import T5Config, T5EncoderModel
+def tiny_t5_encoder(vocab_size: int, hidden: int, umt5: bool = False):
+    """A 2-layer `T5EncoderModel` (gated-GELU like T5 v1.1 / mT5), `hidden` wide; `umt5`: the same as a
+    `UMT5EncoderModel` (its own relative attention bias in every layer, as Wan's text encoder)."""
+    import transformers
 
-    return T5EncoderModel(
-        T5Config(
+    prefix = "UMT5" if umt5 else "T5"
+    return getattr(transformers, f"{prefix}EncoderModel")(
+        getattr(transformers, f"{prefix}Config")(
             vocab_size=vocab_size,
             d_model=hidden,
             d_kv=hidden // 4,

@@ -53,6 +53,7 @@ from dittune.models.cogvideox.facts import (
     CogVideoXFacts,
     declared_pipeline,
 )
+from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
 
 VAE_SPATIAL = 8
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
@@ -68,13 +69,6 @@ IMAGE_NOISE = {
     "draws": "log-sigma, then the noise",
 }
 """The image-to-video conditioning recipe; part of the latent cache identity."""
-
-
-@dataclass
-class CogVideoXTextEncoders:
-    tokenizer: Any
-    encoder: nn.Module
-    device: torch.device
 
 
 @dataclass
@@ -209,16 +203,11 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         return text
 
     # ------------------------------------------------------------------ text side
-    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> CogVideoXTextEncoders:
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        encoder = T5EncoderModel.from_pretrained(self.path / "text_encoder", dtype=dtype)
-        encoder.to(device).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer")
-        return CogVideoXTextEncoders(tokenizer=tokenizer, encoder=encoder, device=device)
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> SingleTextEncoder:
+        return load_single_text_encoder(self.path, "T5EncoderModel", device, dtype)
 
     @torch.no_grad()
-    def encode_prompts(self, encoders: CogVideoXTextEncoders, prompts: list[str]) -> list[TextEmbedding]:
+    def encode_prompts(self, encoders: SingleTextEncoder, prompts: list[str]) -> list[TextEmbedding]:
         ids = encoders.tokenizer(
             prompts,
             padding="max_length",

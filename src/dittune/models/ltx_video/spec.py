@@ -21,7 +21,6 @@ image) and it is left out of the loss, so the model keeps working image-to-video
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -42,13 +41,7 @@ from dittune.models.base import (
 )
 from dittune.models.folder import weight_keys
 from dittune.models.ltx_video.facts import COMPONENTS, LTXVideoFacts, vae_compression
-
-
-@dataclass
-class LTXTextEncoders:
-    tokenizer: Any
-    text_encoder: nn.Module
-    device: torch.device
+from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
 
 
 def pack_latents(latents: torch.Tensor, patch: int = 1, patch_t: int = 1) -> torch.Tensor:
@@ -151,16 +144,11 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         return flow.describe(settings, shift) + f", first-frame conditioning p={settings.first_frame_p:g}"
 
     # ------------------------------------------------------------------ text side
-    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> LTXTextEncoders:
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        encoder = T5EncoderModel.from_pretrained(self.path / "text_encoder", dtype=dtype)
-        encoder.to(device).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer")
-        return LTXTextEncoders(tokenizer=tokenizer, text_encoder=encoder, device=device)
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> SingleTextEncoder:
+        return load_single_text_encoder(self.path, "T5EncoderModel", device, dtype)
 
     @torch.no_grad()
-    def encode_prompts(self, encoders: LTXTextEncoders, prompts: list[str]) -> list[TextEmbedding]:
+    def encode_prompts(self, encoders: SingleTextEncoder, prompts: list[str]) -> list[TextEmbedding]:
         tokens = encoders.tokenizer(
             prompts,
             padding="max_length",
@@ -169,7 +157,7 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
             add_special_tokens=True,
             return_tensors="pt",
         )
-        states = encoders.text_encoder(tokens.input_ids.to(encoders.device))[0].cpu()
+        states = encoders.encoder(tokens.input_ids.to(encoders.device))[0].cpu()
         mask = tokens.attention_mask.bool()
         return [{"t5_embeds": states[i], "t5_mask": mask[i]} for i in range(len(prompts))]
 

@@ -34,7 +34,6 @@ whole A14B pipeline: the live expert and the other one loaded frozen from the fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,8 @@ from dittune.fingerprint import Fingerprinter
 from dittune.models.autoencoder import draw_latents
 from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, TextEmbedding, TrainBatch
 from dittune.models.flow_objective import scheduler_shift
+from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
 from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts
-
-
-@dataclass
-class WanTextEncoders:
-    tokenizer: Any
-    text_encoder: nn.Module
-    device: torch.device
 
 
 def clean_prompt(prompt: str) -> str:
@@ -157,16 +150,11 @@ class WanSpec(WanFacts, ModelSpec):
         return line + (", timestep per token (TI2V)" if self.geometry.ti2v else "")
 
     # ------------------------------------------------------------------ text side
-    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> WanTextEncoders:
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        encoder = UMT5EncoderModel.from_pretrained(self.path / "text_encoder", dtype=dtype)
-        encoder.to(device).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer")
-        return WanTextEncoders(tokenizer=tokenizer, text_encoder=encoder, device=device)
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> SingleTextEncoder:
+        return load_single_text_encoder(self.path, "UMT5EncoderModel", device, dtype)
 
     @torch.no_grad()
-    def encode_prompts(self, encoders: WanTextEncoders, prompts: list[str]) -> list[TextEmbedding]:
+    def encode_prompts(self, encoders: SingleTextEncoder, prompts: list[str]) -> list[TextEmbedding]:
         tokens = encoders.tokenizer(
             [clean_prompt(p) for p in prompts],
             padding="max_length",
@@ -177,7 +165,7 @@ class WanSpec(WanFacts, ModelSpec):
             return_tensors="pt",
         )
         mask = tokens.attention_mask
-        states = encoders.text_encoder(tokens.input_ids.to(encoders.device), mask.to(encoders.device))
+        states = encoders.encoder(tokens.input_ids.to(encoders.device), mask.to(encoders.device))
         states = states.last_hidden_state.cpu()
         embeddings = []
         for i, length in enumerate(mask.gt(0).sum(dim=1).tolist()):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dittune.models.tiny_parts import check_empty, save_pipeline
+from dittune.models.tiny_parts import check_empty, save_pipeline, tiny_t5_encoder
 from dittune.models.tiny_text import write_t5_tokenizer
 
 VARIANTS = ("2.1", "2.2", "2.2-a14b")
@@ -80,27 +80,6 @@ def tiny_transformer():
     )
 
 
-def tiny_umt5(vocab_size: int):
-    """A 2-layer `UMT5EncoderModel` (gated-GELU, its own relative attention bias in every layer)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab_size,
-            d_model=TEXT_HIDDEN,
-            d_kv=TEXT_HIDDEN // 4,
-            d_ff=TEXT_HIDDEN + 5,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-
-
 def wan_scheduler(flow_shift: float):
     """The released models' scheduler: UniPC over flow-matching σ, shifted by `flow_shift`."""
     from diffusers import UniPCMultistepScheduler
@@ -126,7 +105,7 @@ def build_tiny_wan(out_dir: str | Path, variant: str = "2.1", seed: int = 0) -> 
         torch.manual_seed(seed)
         pipeline = WanPipeline(
             tokenizer=tokenizer,
-            text_encoder=tiny_umt5(len(tokenizer)),
+            text_encoder=tiny_t5_encoder(len(tokenizer), TEXT_HIDDEN, umt5=True),
             vae=tiny_vae(variant, seed),
             scheduler=wan_scheduler(FLOW_SHIFT[variant]),
             transformer=tiny_transformer(),
