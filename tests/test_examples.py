@@ -41,3 +41,27 @@ def test_examples_say_what_their_names_say() -> None:
         assert (cfg.data.resolution, cfg.data.resolution_type) == (1.0, "area")
         assert set(cfg.train.caption_dropout_per_encoder) == {"clip", "t5"}
         assert any(any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in cfg.validation.prompts)
+
+
+LAUNCHES = sorted((Path(__file__).resolve().parents[1] / "examples" / "accelerate").glob("*.yaml"))
+
+
+def test_every_accelerate_launch_is_shipped_and_parses() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    found = {p.stem: load_config_from_file(str(p)) for p in LAUNCHES}
+    expected = {
+        "ddp",
+        "fsdp2",
+        "deepspeed_zero2",
+        "deepspeed_zero2_offload",
+        "deepspeed_zero3",
+        "deepspeed_zero3_offload",
+    }
+    assert set(found) == expected
+    assert str(found["ddp"].distributed_type).endswith("MULTI_GPU")
+    assert found["fsdp2"].fsdp_config["fsdp_version"] == 2  # dittune shards with FSDP2 only
+    for name in expected - {"ddp", "fsdp2"}:
+        deepspeed = found[name].deepspeed_config
+        assert deepspeed["zero_stage"] == int(name[len("deepspeed_zero")])
+        assert (deepspeed["offload_optimizer_device"] == "cpu") == name.endswith("_offload")

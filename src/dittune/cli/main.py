@@ -123,6 +123,25 @@ def _clip_line(cfg: DittuneConfig) -> str:
     return f"  clips: {frames} frames{snapped}, {rule} rule, at {rate}, sampling {cfg.data.frame_sampling!r}"
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from dittune.train.estimate import EstimateConfigError, estimate
+    from dittune.train.estimate_report import estimate_json, format_estimate
+
+    try:
+        result = estimate(cfg, device=args.device)
+    except EstimateConfigError as error:
+        print(f"error: {args.config}: {error}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if args.json:
+        import json
+
+        print(json.dumps(estimate_json(result), indent=2))
+    else:
+        print(format_estimate(result, args.config))
+    return EXIT_OK
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from dittune.config import resolved_toml
 
@@ -203,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(handler=_cmd_sample)
 
+    estimate = commands.add_parser(
+        "estimate", help="peak memory of caching, a training step and validation, without loading weights"
+    )
+    _add_config_args(estimate)
+    estimate.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="the device the run will use (default: cuda)"
+    )
+    estimate.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    estimate.set_defaults(handler=_cmd_estimate)
+
     config = commands.add_parser("config", help="check, show or document configs")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = config_commands.add_parser("check", help="validate a config and its paths")
@@ -264,6 +293,7 @@ def run() -> None:
     """
     code = main()
     try:
+        close_process_group()
         for thread in threading.enumerate():
             if thread is not threading.main_thread() and not thread.daemon:
                 thread.join()
@@ -277,3 +307,11 @@ def run() -> None:
     except BaseException:  # anything odd: fall back to the normal, slow exit
         raise SystemExit(code) from None
     os._exit(code)
+
+
+def close_process_group() -> None:
+    """End the process group of a multi-process run (torchrun / accelerate launch), if one was started."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -35,6 +35,16 @@ class ModelSection(Section):
             "Trainable parameters are always kept in fp32."
         ),
     )
+    base_storage: Literal["default", "fp8_e4m3", "fp8_e5m2", "nf4", "int8"] = Field(
+        "default",
+        description=(
+            "LoRA runs only: how the frozen denoiser's Linear layers are stored (norms, embeddings and the output "
+            'projection stay in weight_dtype). "default": in weight_dtype. "fp8_e4m3" / "fp8_e5m2": 1 byte per '
+            'weight, upcast per layer to weight_dtype for the forward and backward passes. "nf4" / "int8": '
+            'quantised with bitsandbytes (pip install "dittune[bnb]"; CUDA or CPU). The compute dtype stays '
+            "weight_dtype under train.mixed_precision; LoRA weights stay fp32 and LoRA files are unchanged."
+        ),
+    )
     t5_max_length: int | None = Field(
         None,
         description=(
@@ -260,14 +270,38 @@ class TrainSection(Section):
         "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"
     ] = Field("constant", description="Learning-rate schedule after warmup (diffusers get_scheduler names).")
     lr_warmup_steps: int = Field(0, description="Linear warmup steps.", ge=0)
-    optimizer: Literal["adamw", "adamw8bit"] = Field(
+    optimizer: Literal["adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy", "schedulefree_adamw"] = Field(
         "adamw",
-        description='"adamw" (torch, fused) or "adamw8bit" (bitsandbytes; 8-bit states for tensors ≥ 4096 elements).',
+        description=(
+            '"adamw" (torch, fused); "adamw8bit" / "lion8bit" (bitsandbytes; 8-bit states for tensors ≥ 4096 '
+            'elements); "adafactor" (torch; factored second moment, no momentum; learning_rate caps its relative '
+            'step, try 1e-3–1e-2); "prodigy" (prodigyopt; estimates the step size, keep learning_rate = 1.0); '
+            '"schedulefree_adamw" (schedulefree; averages the weights itself: use lr_scheduler = "constant"; '
+            "checkpoints, validation and the export hold the averaged weights)."
+        ),
     )
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW ε.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer_args: dict[str, bool | int | float | str | list[float]] = Field(
+        default_factory=dict,
+        description=(
+            "Extra keyword arguments of the optimizer's constructor, e.g. {d_coef = 0.5, safeguard_warmup = true} "
+            "for prodigy, {warmup_steps = 100} for schedulefree_adamw, {betas = [0.95, 0.98]} for lion8bit; lists "
+            "are passed as tuples. The learning rate, betas, ε and weight decay have their own keys."
+        ),
+    )
+    optimizer_offload: bool = Field(
+        False,
+        description=(
+            "Keep the optimizer state and an fp32 copy of the trainable weights on the CPU: gradients are copied "
+            "there, the step is computed by the CPU and the new weights copied back. Frees the state's device "
+            "memory (8 bytes per trainable parameter for adamw) for two copies per step and a CPU-speed step."
+        ),
+    )
+    adam_beta1: float = Field(
+        0.9, ge=0, lt=1, description="β1 of adamw, adamw8bit, prodigy and schedulefree_adamw (its interpolation)."
+    )
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="β2 of adamw, adamw8bit, prodigy and schedulefree_adamw.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="ε of adamw, adamw8bit, prodigy and schedulefree_adamw.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (every optimizer).")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; unset disables.", gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
@@ -286,7 +320,37 @@ class TrainSection(Section):
             "warm inductor cache); see benchmarks/README.md. Not measured on GPUs yet."
         ),
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Recompute transformer blocks in backward instead of keeping their activations: less memory, "
+            "slower steps. All blocks, or a fraction with gradient_checkpointing_ratio."
+        ),
+    )
+    gradient_checkpointing_ratio: float = Field(
+        1.0,
+        description=(
+            "With gradient_checkpointing: the fraction of transformer blocks recomputed in backward, the first "
+            "ceil(ratio × blocks) in call order (at least one); 1.0: all (diffusers' own switch where the model "
+            "has one). Memory saved and step time paid both grow about linearly with it. Measured on CPU (LoRA, "
+            "8-block image and video models): peak activation memory 0.56–0.58 of no checkpointing at 0.5 and "
+            "0.22–0.32 at 1.0, for steps 1.15–1.33× and 1.34–1.61× as long; see benchmarks/README.md. A value "
+            "below 1 without gradient_checkpointing = true is an error."
+        ),
+        gt=0,
+        le=1,
+    )
+    blocks_to_swap: int = Field(
+        0,
+        description=(
+            "LoRA runs only: keep the frozen weights of this many transformer blocks (the first in call order) on "
+            "the CPU and copy each to the GPU just before it runs, the next one prefetched meanwhile (on a side "
+            "CUDA stream). Frees the device memory of all but two of them, for one host-to-device copy of each "
+            "per forward and per backward; swapped blocks are always recomputed in backward. For a model too big "
+            "for the card. 0: off; at most the model's number of blocks (checked when it loads)."
+        ),
+        ge=0,
+    )
     caption_dropout: float = Field(
         0.0,
         description="Probability, per sample and text encoder independently, of training on the empty caption.",
@@ -340,6 +404,14 @@ class ValidationSection(Section):
     steps: int = Field(20, description="Denoising steps.", ge=1)
     guidance: float = Field(5.0, description="Classifier-free guidance scale (≤ 1 disables).", ge=0)
     at_start: bool = Field(True, description="Also sample before training (step 0), for comparison.")
+    timeout_minutes: float = Field(
+        120.0,
+        description=(
+            "Several processes: how long the others wait for the main process to validate (only it samples). "
+            "Their training collectives keep torch's own timeout."
+        ),
+        gt=0,
+    )
 
 
 class DittuneConfig(Section):
@@ -369,6 +441,11 @@ class DittuneConfig(Section):
                 f'data.resolution: {data.resolution:g} with resolution_type = "pixel" is not a pixel '
                 "size; pixel takes the short edge in whole pixels (e.g. 512). For megapixels use "
                 'resolution_type = "area".'
+            )
+        if self.train.gradient_checkpointing_ratio < 1 and not self.train.gradient_checkpointing:
+            raise ValueError(
+                f"train.gradient_checkpointing_ratio: {self.train.gradient_checkpointing_ratio:g} only applies with "
+                "train.gradient_checkpointing = true; set that too, or remove the ratio."
             )
         if self.train.init == "random" and self.train.method != "full":
             raise ValueError('train.init: "random" needs train.method = "full" (a LoRA on random weights is useless).')

@@ -14,6 +14,7 @@ from torch import nn
 
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import Moments
+from dittune.models.draws import Draws, as_draws
 
 
 def load_autoencoder(folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -37,13 +38,15 @@ def split_moments(mean: torch.Tensor, logvar: torch.Tensor) -> list[Moments]:
     return [{"mean": mean[i].clone(), "logvar": logvar[i].clone()} for i in range(mean.shape[0])]
 
 
-def draw_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator, sample: bool) -> torch.Tensor:
-    """float32 z: a posterior draw (mean + std·ε from `generator`) when `sample`, else the mean."""
+def draw_latents(
+    mean: torch.Tensor, logvar: torch.Tensor, draws: Draws | torch.Generator, sample: bool
+) -> torch.Tensor:
+    """float32 z: a posterior draw (mean + std·ε from `draws`) when `sample`, else the mean."""
     mean = mean.float()
     if not sample:
         return mean
     std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * as_draws(draws).randn(mean.shape, device=mean.device, dtype=mean.dtype)
 
 
 def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
@@ -57,10 +60,10 @@ def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> list[Moments]:
 
 
 def latents_from_moments(
-    moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool, vae_config: dict[str, Any]
+    moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool, vae_config: dict[str, Any]
 ) -> torch.Tensor:
     """Float32 model-space latents: (z − shift_factor) · scaling_factor, z drawn or the mean."""
-    z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
+    z = draw_latents(moments["mean"], moments["logvar"], draws, sample)
     shift = vae_config.get("shift_factor") or 0.0
     return (z - shift) * float(vae_config.get("scaling_factor") or 1.0)
 
@@ -86,6 +89,6 @@ class AutoencoderKLFamily:
         return autoencoder_identity(fingerprinter, self.family, self.path / "vae")
 
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
-        return latents_from_moments(moments, generator, sample, self.vae_config)
+        return latents_from_moments(moments, draws, sample, self.vae_config)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dittune.fingerprint import Fingerprinter
+from dittune.models.draws import Draws
 from dittune.models.facts import FamilyFacts, ModelInfo, TextEncoderSlot
 
 __all__ = ["FamilyFacts", "ModelInfo", "ModelSpec", "TextEncoderSlot"]  # ModelInfo, TextEncoderSlot: from facts
@@ -87,6 +88,16 @@ class LossSettings:
     """Guidance-embedding input of guidance-distilled models during training."""
     first_frame_p: float = 0.0
     """Probability per sample of first-frame conditioning (families that train image-to-video this way)."""
+
+
+def denoiser_dtype(denoiser: nn.Module) -> torch.dtype:
+    """The dtype a denoiser computes in: diffusers' `dtype` (which reports the compute dtype of layers stored in
+    fp8), through a DDP wrapper; else its first floating parameter's."""
+    model = getattr(denoiser, "module", denoiser)
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 class ModelSpec(FamilyFacts, ABC):
@@ -195,7 +206,7 @@ class ModelSpec(FamilyFacts, ABC):
 
     @abstractmethod
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
         """Batched cached moments → the denoiser's clean latents x0 (a posterior draw or its mean), float32."""
 
@@ -224,6 +235,10 @@ class ModelSpec(FamilyFacts, ABC):
         config = read_json(self.path / "scheduler" / "scheduler_config.json")
         return getattr(diffusers, config["_class_name"]).from_pretrained(self.path / "scheduler")
 
+    storage_skip_patterns: ClassVar[tuple[str, ...]] = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+    """Regexes (`re.search` on module names) of denoiser layers `model.base_storage` keeps in `weight_dtype`, besides
+    the diffusers class's own `_skip_layerwise_casting_patterns` (default: diffusers' DEFAULT_SKIP_MODULES_PATTERN)."""
+
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     """Attributes of the denoiser holding its transformer blocks (`nn.ModuleList`s), in call order: the
     unit of regional compilation (`train.compile`) and of dittune's own block checkpointing."""
@@ -239,16 +254,38 @@ class ModelSpec(FamilyFacts, ABC):
         """Per-block recomputation (diffusers' own switch where the model has one)."""
         denoiser.enable_gradient_checkpointing()
 
+    def enable_partial_checkpointing(self, denoiser: nn.Module, ratio: float) -> int:
+        """Recompute the first ceil(ratio · N) of `transformer_blocks` in backward; returns how many.
+
+        All of them (ratio 1, or a fraction that rounds up to N): `enable_gradient_checkpointing`, exactly as
+        before ratios existed. Fewer: dittune's `enable_block_checkpointing` on the first blocks in call order,
+        whose recomputation then runs after the later blocks' saved activations are freed (the lowest peak of
+        any choice of blocks, as measured in benchmarks/gradient_checkpointing.py)."""
+        from dittune.models.checkpointing import checkpointed_count, enable_block_checkpointing
+
+        blocks = self.transformer_blocks(denoiser)
+        count = checkpointed_count(ratio, len(blocks))
+        if count == len(blocks):
+            self.enable_gradient_checkpointing(denoiser)
+        else:
+            enable_block_checkpointing(blocks[:count])
+        return count
+
     @abstractmethod
     def compute_loss(
         self,
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
-        """Sample latents from moments, noise them, run the denoiser and return the loss."""
+        """Sample latents from moments, noise them, run the denoiser and return the loss.
+
+        Every random number (posterior draw, noise, noise level, …) comes from `draws`, per sample (see
+        `dittune.models.draws`): the trainer's `SampleDraws` key them by (seed, step, position in the global
+        batch), so a sample's numbers do not depend on how the batch is split between processes or micro-batches.
+        A plain generator is accepted too (one draw for the whole batch)."""
 
     # ------------------------------------------------------------------ sampling
     pipeline_init_extras: ClassVar[dict[str, Any]] = {}

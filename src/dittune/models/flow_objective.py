@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from dittune.models.base import LossSettings
+from dittune.models.draws import Draws, as_draws
 
 TimestepSampling = Literal["uniform", "logit_normal", "mode", "shift"]
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
@@ -110,7 +111,7 @@ def sample_sigmas(
     count: int,
     sampling: TimestepSampling,
     *,
-    generator: torch.Generator,
+    generator: Draws | torch.Generator,
     device: torch.device | str = "cpu",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
@@ -120,6 +121,7 @@ def sample_sigmas(
 ) -> torch.Tensor:
     """`count` noise levels σ in (0, 1), float32.
 
+    `generator` draws one base value per sample (a `Draws`, or a plain generator for the whole batch).
     `shift` is applied after the draw when given (for "shift" it is required). `within` = (low, high) keeps σ
     in [low, high) with the draw's own distribution restricted to that range (see the module's docstring).
     """
@@ -127,19 +129,20 @@ def sample_sigmas(
         raise ValueError('timestep sampling "shift" needs a shift value')
     if sampling not in ("uniform", "shift", "logit_normal", "mode"):
         raise ValueError(f"unknown timestep sampling {sampling!r}; use uniform, logit_normal, mode or shift")
+    draws = as_draws(generator)
     bounds = None
     if within is not None:
         unshifted = [unshift_sigma(b, shift) if shift is not None else b for b in within]
         bounds = sorted(_quantile(b, sampling, logit_mean, logit_std, mode_scale) for b in unshifted)
     if sampling == "logit_normal":
-        draw = torch.randn(count, generator=generator, device=device)
+        draw = draws.randn((count,), device=device)
         if bounds is not None:
             precise = torch.float32 if draw.device.type == "mps" else torch.float64  # MPS has no float64
             p = bounds[0] + (bounds[1] - bounds[0]) * torch.special.ndtr(draw.to(precise))
             draw = torch.special.ndtri(p).float()
         sigmas = torch.sigmoid(draw * logit_std + logit_mean)
     else:
-        u = torch.rand(count, generator=generator, device=device)
+        u = draws.rand((count,), device=device)
         if bounds is not None:
             u = bounds[0] + (bounds[1] - bounds[0]) * u
         sigmas = _mode_sigma(u, mode_scale) if sampling == "mode" else u
@@ -206,7 +209,7 @@ def flow_matching_loss(
 def training_draw(
     x0: torch.Tensor,
     settings: LossSettings,
-    generator: torch.Generator,
+    draws: Draws | torch.Generator,
     shift: float | None,
     within: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,7 +217,7 @@ def training_draw(
     sigmas = sample_sigmas(
         x0.shape[0],
         settings.timestep_sampling,  # type: ignore[arg-type]
-        generator=generator,
+        generator=draws,
         device=x0.device,
         logit_mean=settings.logit_mean,
         logit_std=settings.logit_std,
@@ -222,7 +225,7 @@ def training_draw(
         shift=shift,
         within=within,
     )
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = as_draws(draws).randn(x0.shape, device=x0.device, dtype=x0.dtype)
     return sigmas, noise, noisy_latents(x0, noise, sigmas)
 
 

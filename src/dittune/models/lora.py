@@ -50,12 +50,36 @@ def lora_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in denoiser.named_parameters() if ".lora_" in n]
 
 
-def lora_state_dict(denoiser: nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
-    """LoRA tensors keyed like diffusers/peft files (`blocks.0.attn1.to_q.lora_A.weight`)."""
+def lora_state_dict(
+    denoiser: nn.Module, adapter_name: str = ADAPTER, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """LoRA tensors keyed like diffusers/peft files (`blocks.0.attn1.to_q.lora_A.weight`): from the module, or
+    from `state`, its full state dict gathered elsewhere (a sharded module's own tensors are shards)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(denoiser, state_dict=state, adapter_name=adapter_name)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a module state-dict key belongs to a LoRA layer."""
+    return ".lora_" in key
+
+
+def lora_module_state(
+    denoiser: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = ADAPTER
+) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors keyed by the module's own state-dict keys (the adapter name inserted), for loading
+    into any module, sharded or not; every tensor must find its place and every adapted module get its tensors."""
+    own = [k for k in denoiser.state_dict() if f".lora_A.{adapter_name}." in k or f".lora_B.{adapter_name}." in k]
+    by_file_key = {k.replace(f".{adapter_name}.", "."): k for k in own}
+    unexpected = [k for k in state if k not in by_file_key]
+    if unexpected:
+        raise ValueError(f"LoRA tensors that match no adapted module: {unexpected[:5]}")
+    missing = [k for k in by_file_key if k not in state]
+    if missing:
+        raise ValueError(f"LoRA file lacks tensors for adapted modules: {missing[:5]}")
+    return {by_file_key[k]: v for k, v in state.items()}
 
 
 def load_lora_state_dict(denoiser: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = ADAPTER) -> None:

@@ -9,6 +9,7 @@ import torch
 from dittune.cache.build import LATENT, TEXT
 from dittune.cache.store import CacheStore
 from dittune.models.base import SampleMeta, TrainBatch
+from dittune.models.draws import Draws, as_draws
 from dittune.models.facts import TextEncoderSlot
 from dittune.train.prepare import EMPTY_PROMPT, PreparedData
 
@@ -43,18 +44,19 @@ class CachedBatches:
             raise RuntimeError(f"cache entry {kind}/{key} vanished during training; run `dittune cache` again")
         return entry
 
-    def collate(self, items: Sequence[tuple[int, bool]], generator: torch.Generator) -> TrainBatch:
-        """`generator` (CPU) decides caption dropout, one draw per sample and encoder, in a fixed order."""
+    def collate(self, items: Sequence[tuple[int, bool]], draws: Draws | torch.Generator) -> TrainBatch:
+        """`draws` (CPU) decide caption dropout: one uniform number per sample and text encoder."""
         samples = self.prepared.plan.samples
+        uniform = as_draws(draws).rand((len(items), len(self.slots)), device="cpu").tolist()
         moments: list[dict[str, torch.Tensor]] = []
         texts: list[dict[str, torch.Tensor]] = []
         meta: list[SampleMeta] = []
-        for index, flipped in items:
+        for (index, flipped), numbers in zip(items, uniform):
             sample = samples[index]
             moments.append(self.load(LATENT, self.prepared.latent_keys[(sample.key, flipped)]))
             text = dict(self.load(TEXT, self.prepared.text_keys[sample.record.caption]))
-            for slot in self.slots:
-                if torch.rand((), generator=generator).item() < self.dropout[slot.name]:
+            for slot, number in zip(self.slots, numbers):
+                if number < self.dropout[slot.name]:
                     text.update({key: self.empty[key] for key in slot.keys})
             texts.append(text)
             placement = sample.placement

@@ -1,7 +1,7 @@
 """Resumable checkpoints: atomic directories under OUTPUT_DIR/checkpoints, newest K kept.
 
 A checkpoint is written into a temporary folder by `accelerator.save_state` (optimizer, RNG states,
-registered objects: LR schedule, data position, generators) plus the trainable weights and a
+registered objects: LR schedule, data position) plus the trainable weights and a
 `trainer_state.json`, which is written last. The folder is then renamed into place, so a crash
 mid-save never leaves a checkpoint that looks complete.
 """
@@ -48,25 +48,15 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def process_file(index: int) -> str:
-    return f"process_{index:03d}.pt"
-
-
 def save_checkpoint(
     accelerator: Any,
     output_dir: Path,
     step: int,
     state: dict[str, Any],
     keep_last: int,
-    process_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune old ones; returns its folder.
-
-    `process_state` (this process's generators) is written by every process to its own file; the folder is
-    renamed into place only after every process has written.
-    """
-    import torch
-
+    """Write checkpoint `step` atomically and prune old ones; returns its folder (renamed into place only
+    after every process has written its part)."""
     root = checkpoints_dir(output_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -75,8 +65,6 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if process_state is not None:
-        torch.save(process_state, tmp / process_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
@@ -89,19 +77,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state and this process's state (None when
-    the checkpoint has none, as before per-process files)."""
-    import torch
+def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the trainer state.
 
+    The number of processes may differ from the one that saved it, as long as the global batch is the same
+    (`check_resume_compatible` refuses otherwise): the data order follows the global batch and every random
+    draw is keyed by sample, not by process.
+    """
     state = json.loads((Path(path) / STATE_FILE).read_text())
-    saved, current = state.get("processes", 1), accelerator.num_processes
-    if saved != current:
-        raise ValueError(
-            f"{path} was saved by {saved} process(es); this run has {current}. Resume with the same number "
-            f"(e.g. torchrun --nproc_per_node {saved}): each process continues its own data shard and generators."
-        )
     accelerator.load_state(str(path))
-    file = Path(path) / process_file(accelerator.process_index)
-    own = torch.load(file, weights_only=True) if file.is_file() else None
-    return state, own
+    return state

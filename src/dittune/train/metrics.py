@@ -19,6 +19,40 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+class PhaseMemory:
+    """Peak memory of each phase of a run, in MiB: `memory_caching_mb`, `memory_step_mb` (the steps since the
+    last logged line) and `memory_validation_mb` (the validations since then) in metrics.jsonl.
+
+    On CUDA, `torch.cuda.max_memory_allocated` since the phase began (`reset_peak_memory_stats`, no device sync).
+    On a CPU only the process's resident high-water mark exists and it cannot be reset (resetting it through
+    /proc would also hide the run's peak from `getrusage` of a parent process), so every reading is the peak
+    of the run so far. `overall` is the highest reading: the run's peak, as `peak_memory_mb` reports it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: dict[str, float] = {}
+        self.overall = 0.0
+        self.begin()
+
+    def begin(self) -> None:
+        """A phase starts now."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, phase: str) -> float:
+        """The peak of `phase` since `begin` (kept for `take`, the highest if it ran several times)."""
+        value = peak_memory_mb(self.device)
+        self.overall = max(self.overall, value)
+        self.pending[phase] = max(self.pending.get(phase, 0.0), value)
+        return value
+
+    def take(self) -> dict[str, float]:
+        """`memory_<phase>_mb` of the phases ended since the last call."""
+        taken = {f"memory_{phase}_mb": value for phase, value in self.pending.items()}
+        self.pending.clear()
+        return taken
+
+
 class MetricsLog:
     """Appends to metrics.jsonl; on resume, drops lines past the resumed step first."""
 

@@ -12,6 +12,7 @@ from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap
 from dittune.models.facts import FamilyFacts
 from dittune.models.registry import facts_class, family_names
+from dittune.train.optim import optimizer_arg_problems, optimizer_problems
 
 Problem = tuple[str, str]
 
@@ -117,8 +118,34 @@ def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
                 'make them equal, or set weight_dtype = "auto".',
             )
         )
-    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(("train.optimizer", 'adamw8bit needs bitsandbytes: pip install "dittune[bnb]".'))
+    problems += optimizer_problems(cfg.train)
+    if cfg.model.base_storage != "default" and cfg.train.method == "full":
+        problems.append(
+            (
+                "model.base_storage",
+                'applies to the frozen base of LoRA runs; full fine-tuning trains it in fp32: use "default".',
+            )
+        )
+    if cfg.train.blocks_to_swap and cfg.train.method == "full":
+        problems.append(
+            (
+                "train.blocks_to_swap",
+                "swaps the frozen base of LoRA runs; full fine-tuning trains every weight (the optimizer keeps them "
+                "on the device): set 0 (or train.optimizer_offload = true for the optimizer state).",
+            )
+        )
+    if cfg.train.blocks_to_swap and cfg.model.base_storage in ("nf4", "int8"):
+        problems.append(
+            (
+                "train.blocks_to_swap",
+                f"cannot swap bitsandbytes-quantised ({cfg.model.base_storage}) layers; use model.base_storage = "
+                '"fp8_e4m3" or "default" with it, or set 0.',
+            )
+        )
+    if cfg.model.base_storage in ("nf4", "int8") and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            ("model.base_storage", f'{cfg.model.base_storage} needs bitsandbytes: pip install "dittune[bnb]".')
+        )
     if "wandb" in cfg.train.trackers and importlib.util.find_spec("wandb") is None:
         problems.append(("train.trackers", 'wandb is not installed: pip install "dittune[wandb]" or drop it.'))
     if cfg.lora.targets is not None and not cfg.lora.targets:
@@ -133,8 +160,12 @@ def device_checks(cfg: DittuneConfig, device_type: str) -> list[Problem]:
     if device_type != "cuda":
         message = f'fp16 needs a CUDA GPU (this run is on {device_type}); use "auto" instead.'
         problems += [(key, message) for key, value in settings.items() if value == "fp16"]
+    if cfg.model.base_storage.startswith("fp8") and device_type == "mps":
+        problems.append(("model.base_storage", 'MPS has no fp8 dtypes; use "default" (or nf4/int8 on CUDA or CPU).'))
     if cfg.train.compile:
         from dittune.models.compile import compile_problems  # imports torch: only when asked for
 
         problems += [("train.compile", message) for message in compile_problems(device_type)]
+    if cfg.train.optimizer_args:
+        problems += optimizer_arg_problems(cfg.train)  # imports the optimizer's package (and torch)
     return problems

@@ -17,8 +17,6 @@ RESUME_CRITICAL = (
     ("data",),
     ("train", "method"),
     ("train", "init"),
-    ("train", "batch_size"),
-    ("train", "gradient_accumulation_steps"),
     ("train", "seed"),
     ("lora",),
     ("cache", "latent_sampling"),
@@ -38,38 +36,79 @@ def _dig(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return data
 
 
-def check_resume_compatible(cfg: DittuneConfig, checkpoint: Path) -> None:
-    """Refuse to resume when a setting that changes the data stream or the model differs."""
-    saved = json.loads((checkpoint / STATE_FILE).read_text())["config"]
-    current = json.loads(cfg.model_dump_json())
+def check_resume_compatible(cfg: DittuneConfig, checkpoint: Path, processes: int = 1, engine: str = "ddp") -> None:
+    """Refuse to resume when a setting that changes the data stream or the model differs.
+
+    The split of the global batch may change (processes, `train.batch_size`, accumulation), its size may not;
+    a sharded engine's checkpoint (FSDP, DeepSpeed) needs the same engine and number of processes.
+    """
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    saved, current = state["config"], json.loads(cfg.model_dump_json())
     changed = [".".join(keys) for keys in RESUME_CRITICAL if _dig(saved, keys) != _dig(current, keys)]
-    if changed:
-        raise ConfigError(
-            [
-                Problem(
-                    key,
-                    f"differs from the checkpoint {checkpoint}; resuming would not continue that run. "
-                    "Restore it, or start a new run in another output_dir.",
-                )
-                for key in changed
-            ]
+    problems = [
+        Problem(
+            key,
+            f"differs from the checkpoint {checkpoint}; resuming would not continue that run. "
+            "Restore it, or start a new run in another output_dir.",
         )
+        for key in changed
+    ]
+    before = global_batch(saved["train"], int(state.get("processes", 1)))
+    now = global_batch(current["train"], processes)
+    if before[0] != now[0]:
+        problems.append(
+            Problem(
+                "train.batch_size",
+                f"the checkpoint {checkpoint} took {before[0]} samples per step ({before[1]}); this run takes "
+                f"{now[0]} ({now[1]}). Keep batch_size × processes × gradient_accumulation_steps at {before[0]} "
+                "(any split of it resumes the same run).",
+            )
+        )
+    saved_engine, saved_processes = state.get("engine", "ddp"), int(state.get("processes", 1))
+    if saved_engine != engine or (engine != "ddp" and saved_processes != processes):
+        problems.append(
+            Problem(
+                "checkpoint",
+                f"{checkpoint} was written by {saved_processes} process(es) with {saved_engine}; this run has "
+                f"{processes} with {engine}. A sharded checkpoint resumes only with the same launch (accelerate "
+                "config and number of processes).",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def global_batch(train: dict[str, Any], processes: int) -> tuple[int, str]:
+    """(samples per optimizer step, how they are made up) of a `[train]` section run on `processes`."""
+    batch, accumulation = int(train.get("batch_size", 1)), int(train.get("gradient_accumulation_steps", 1))
+    return batch * processes * accumulation, f"batch {batch} × {processes} process(es) × accumulation {accumulation}"
 
 
 def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = True) -> Any:
     """Train as configured; returns the `TrainResult` (final output folder, steps, validation errors)."""
-    from dittune.train.setup import build_run, make_accelerator, run_precision, training_device
+    from dittune.train.setup import (
+        build_run,
+        distributed_state,
+        launch_engine,
+        make_accelerator,
+        run_precision,
+        training_device,
+    )
+    from dittune.train.sharding import engine_problems
     from dittune.train.summary import startup_summary
     from dittune.train.trainer import Trainer
 
     device = training_device()
     check(cfg, device.type)
+    engine_conflicts = engine_problems(cfg, launch_engine())
+    if engine_conflicts:
+        raise ConfigError([Problem(key, message) for key, message in engine_conflicts])
     precision = run_precision(cfg, device)
     resume_path = resolve_resume(cfg.output_dir, resume)
     if resume == "latest" and resume_path is None:
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
     if resume_path is not None:
-        check_resume_compatible(cfg, resume_path)
+        check_resume_compatible(cfg, resume_path, distributed_state().num_processes, launch_engine())
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.output_dir / "config.resolved.json").write_text(cfg.model_dump_json(indent=2))
     accelerator = make_accelerator(cfg, precision)
@@ -78,14 +117,7 @@ def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = Tr
     run = build_run(cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print)
     start_step = 0
     if resume_path is not None:
-        state, own = load_checkpoint(accelerator, resume_path)
-        if own is None:
-            raise ValueError(
-                f"{resume_path} has no per-process generator state (written by an older dittune): resuming would "
-                "not continue the same random draws. Start a new run, or resume with the version that wrote it."
-            )
-        start_step = int(state["step"])
-        run.load_process_state(own)
+        start_step = int(load_checkpoint(accelerator, resume_path)["step"])
     if accelerator.is_main_process:
         tracker_config = {
             k: v

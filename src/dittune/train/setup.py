@@ -1,4 +1,4 @@
-"""Build everything a run needs: accelerator, spec, caches, denoiser, optimizer, sampler, generators."""
+"""Build everything a run needs: accelerator, spec, caches, denoiser, optimizer, sampler."""
 
 from __future__ import annotations
 
@@ -15,11 +15,19 @@ from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.sampler import BucketBatchSampler
 from dittune.models.base import LossSettings, ModelInfo, ModelSpec
-from dittune.models.lora import inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+from dittune.models.lora import inject_lora, is_lora_key, lora_module_state, lora_parameters, lora_state_dict
 from dittune.models.registry import spec_class
 from dittune.precision import Precision, device_precision
+from dittune.train.metrics import PhaseMemory
 from dittune.train.optim import build_lr_scheduler, build_optimizer
 from dittune.train.prepare import PreparedData, fill_caches
+from dittune.train.sharding import (
+    accelerate_fsdp_options,
+    configure_deepspeed,
+    gather_state,
+    load_full_state,
+    shard_denoiser,
+)
 
 log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
@@ -31,6 +39,17 @@ def launched_on_cpu() -> bool:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def launch_engine() -> str:
+    """How `accelerate launch` distributes the run: "fsdp", "deepspeed", or "ddp" (also torchrun and one process)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return "ddp"
 
 
 def distributed_state() -> Any:
@@ -96,24 +115,17 @@ class Run:
     lr_scheduler: Any
     scheduler: Any
     sampler: BucketBatchSampler
-    noise_generator: torch.Generator
-    data_generator: torch.Generator
     loss: LossSettings
     vae: torch.nn.Module | None
     weight_dtype: str
     precision: Precision
     compiled_blocks: int = 0
     """Transformer blocks compiled by `train.compile` (0: eager)."""
+    checkpointed_blocks: int = 0
+    """Transformer blocks recomputed in backward (`train.gradient_checkpointing`; 0: none)."""
     notes: list[str] = field(default_factory=list)
-
-    def process_state(self) -> dict[str, torch.Tensor]:
-        """What differs between processes and a checkpoint must keep per process: the noise and data generators
-        (accelerate saves registered objects from the main process only)."""
-        return {"noise_generator": self.noise_generator.get_state(), "data_generator": self.data_generator.get_state()}
-
-    def load_process_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.noise_generator.set_state(state["noise_generator"])
-        self.data_generator.set_state(state["data_generator"])
+    memory: PhaseMemory | None = None
+    """Peak memory per phase, from caching on (metrics.jsonl's `memory_*_mb`)."""
 
 
 def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> Any:
@@ -142,6 +154,42 @@ def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
     return spec, spec.inspect()
 
 
+def load_trained_denoiser(
+    cfg: DittuneConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, quantise: bool = True
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The denoiser to train and its trainable parameters: full (fp32, every parameter trainable) or LoRA (the
+    frozen base in `dtype` with `model.base_storage` applied after the injection, the adapter in fp32).
+    `quantise=False` leaves nf4/int8 storage out (for fake weights, which cannot be quantised)."""
+    if cfg.train.method == "full":
+        denoiser = spec.load_denoiser(torch.float32, random_init=cfg.train.init == "random")
+        denoiser.requires_grad_(True)
+        return denoiser, [p for p in denoiser.parameters() if p.requires_grad]
+    denoiser = spec.load_denoiser(dtype)
+    denoiser.requires_grad_(False)
+    inject_lora(
+        denoiser,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
+        targets=cfg.lora.targets or list(spec.default_lora_targets),
+        dropout=cfg.lora.dropout,
+    )
+    trainable = lora_parameters(denoiser)
+    for param in trainable:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    if quantise or cfg.model.base_storage not in ("nf4", "int8"):
+        from dittune.models.storage import apply_base_storage  # after injection: LoRA weights stay fp32
+
+        apply_base_storage(
+            denoiser,
+            cfg.model.base_storage,
+            compute_dtype=dtype,
+            spec_patterns=spec.storage_skip_patterns,
+            device=device,
+        )
+    return denoiser, trainable
+
+
 def build_run(
     cfg: DittuneConfig, accelerator: Any, *, precision: Precision | None = None, progress: bool = True, announce=print
 ) -> Run:
@@ -158,6 +206,7 @@ def build_run(
     device = accelerator.device
     precision = precision or run_precision(cfg, device)
     dtype_name = weight_dtype_name(cfg, precision)
+    memory = PhaseMemory(device)
     prepared, vae = fill_caches(
         cfg,
         spec,
@@ -168,37 +217,31 @@ def build_run(
         announce=announce,
         shard=Shard(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone),
     )
+    memory.end("caching")
 
     torch.manual_seed(cfg.train.seed)
-    if cfg.train.method == "full":
-        denoiser = spec.load_denoiser(torch.float32, random_init=cfg.train.init == "random")
-        denoiser.requires_grad_(True)
-        trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    else:
-        denoiser = spec.load_denoiser(DTYPES[dtype_name])
-        denoiser.requires_grad_(False)
-        inject_lora(
-            denoiser,
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
-            targets=cfg.lora.targets or list(spec.default_lora_targets),
-            dropout=cfg.lora.dropout,
-        )
-        trainable = lora_parameters(denoiser)
-        for param in trainable:
-            param.data = param.data.float()
-            param.requires_grad_(True)
+    denoiser, trainable = load_trained_denoiser(cfg, spec, DTYPES[dtype_name], device)
+    checkpointed_blocks = 0
     if cfg.train.gradient_checkpointing:
-        spec.enable_gradient_checkpointing(denoiser)
+        checkpointed_blocks = spec.enable_partial_checkpointing(denoiser, cfg.train.gradient_checkpointing_ratio)
     compiled_blocks = 0
     if cfg.train.compile:
         from dittune.models.compile import compile_blocks
 
         compiled_blocks = compile_blocks(spec, denoiser)
+    if cfg.train.blocks_to_swap:  # after checkpointing and compile; `.to(device)` then leaves the swapped weights
+        from dittune.models.block_offload import offload_blocks  # a sharded engine is refused in `run_train`
+
+        offload_blocks(spec, denoiser, cfg.train.blocks_to_swap, device=device)
     denoiser.to(device).train()
+    fsdp = accelerate_fsdp_options(accelerator)
+    if fsdp is not None:  # FSDP2 by the spec's blocks; accelerate then takes the sharded model as it is
+        shard_denoiser(spec, denoiser, **fsdp)
+        trainable = [p for p in denoiser.parameters() if p.requires_grad]
 
     optimizer = build_optimizer(trainable, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     sampler = BucketBatchSampler(
         prepared.plan.buckets,
@@ -210,10 +253,10 @@ def build_run(
         repeats=cfg.data.repeats,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
+        accumulation=cfg.train.gradient_accumulation_steps,
     )
-    rank = accelerator.process_index
-    noise_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + 1 + rank)
-    data_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 2 + rank)
+    # Noise, noise levels and caption dropout are drawn per sample, keyed by (seed, step, position in the global
+    # batch) — see dittune.models.draws — so there are no per-process generators to keep.
     for obj in (lr_scheduler, sampler):  # the same on every process: saved once (by the main process)
         accelerator.register_for_checkpointing(obj)
     if cfg.train.method == "lora":
@@ -231,13 +274,13 @@ def build_run(
         lr_scheduler=lr_scheduler,
         scheduler=spec.load_scheduler(),
         sampler=sampler,
-        noise_generator=noise_generator,
-        data_generator=data_generator,
         loss=loss_settings(cfg, spec),
         vae=vae,
         weight_dtype=dtype_name,
         precision=precision,
         compiled_blocks=compiled_blocks,
+        checkpointed_blocks=checkpointed_blocks,
+        memory=memory,
     )
 
 
@@ -245,15 +288,18 @@ def _register_adapter_hooks(accelerator: Any) -> None:
     """Checkpoints of LoRA runs hold only the adapter, not the frozen base weights."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
-                save_file(lora_state_dict(accelerator.unwrap_model(model)), str(Path(output_dir) / ADAPTER_FILE))
+        for model in models:  # on every process: gathering a sharded adapter is a collective
+            full = gather_state(model, accelerator, keep=is_lora_key)
+            if accelerator.is_main_process:
+                adapter = lora_state_dict(accelerator.unwrap_model(model), state=full)
+                save_file(adapter, str(Path(output_dir) / ADAPTER_FILE))
         weights.clear()
 
     def load_hook(models: list, input_dir: str) -> None:
         state = load_file(str(Path(input_dir) / ADAPTER_FILE))
         while models:
-            load_lora_state_dict(accelerator.unwrap_model(models.pop()), state)
+            model = accelerator.unwrap_model(models.pop())
+            load_full_state(model, lora_module_state(model, state))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dittune.train.optim import optimizer_label, optimizer_warnings
 from dittune.train.prepare import validation_fps, validation_frames, validation_size
 from dittune.train.setup import Run
 
@@ -45,6 +46,33 @@ def _precision_line(run: Run) -> str:
     return f"{precision.name} ({asked_text}): {precision.reason}; frozen weights {weights}"
 
 
+def _checkpointing(run: Run) -> str:
+    """e.g. "checkpointing the first 4 of 8 blocks (ratio 0.5)", "checkpointing all 8 blocks" or "checkpointing off"."""
+    if not run.checkpointed_blocks:
+        return "checkpointing off"
+    total = len(run.spec.transformer_blocks(run.accelerator.unwrap_model(run.denoiser)))
+    if run.checkpointed_blocks == total:
+        return f"checkpointing all {total} blocks"
+    ratio = run.cfg.train.gradient_checkpointing_ratio
+    return f"checkpointing the first {run.checkpointed_blocks} of {total} blocks (ratio {ratio:g})"
+
+
+def _storage_lines(run: Run) -> list[str]:
+    """e.g. "Storage    fp8_e4m3: 26 Linear layers, 0.73 MiB → 0.18 MiB (6 kept by skip patterns)" (not default)."""
+    from dittune.models.storage import applied_storage
+
+    report = applied_storage(run.accelerator.unwrap_model(run.denoiser))
+    return [] if report is None or report.storage == "default" else [f"Storage    {report.line()}"]
+
+
+def _offload_lines(run: Run) -> list[str]:
+    """e.g. "Offload    6 of 8 blocks' frozen weights (1.2 GiB) on cpu, copied to cuda:0 per block, ..." (swapping)."""
+    from dittune.models.block_offload import applied_offload
+
+    offload = applied_offload(run.accelerator.unwrap_model(run.denoiser))
+    return [] if offload is None else [f"Offload    {offload.line()}"]
+
+
 def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
     cfg, info, plan = run.cfg, run.info, run.prepared.plan
     total = sum(p.numel() for p in run.accelerator.unwrap_model(run.denoiser).parameters())
@@ -65,9 +93,12 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         f"{cfg.train.batch_size * cfg.train.gradient_accumulation_steps * run.accelerator.num_processes} "
         "samples per step",
         f"           lr {cfg.train.learning_rate:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.lr_warmup_steps}), "
-        f"{cfg.train.optimizer}, checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
+        f"{optimizer_label(cfg.train)}, {_checkpointing(run)}, "
         + (f"compiled {run.compiled_blocks} blocks" if run.compiled_blocks else "eager (train.compile off)"),
+        *(f"           warning: {w}" for w in optimizer_warnings(cfg.train, run.accelerator.device.type)),
         f"Precision  {_precision_line(run)}",
+        *_storage_lines(run),
+        *_offload_lines(run),
         f"Objective  {run.spec.describe_objective(run.loss)}, caption dropout {cfg.train.caption_dropout:g}",
         *_validation_lines(run),
         f"Device     {run.accelerator.device}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,17 @@ from dittune.cache.build import TEXT
 from dittune.export.full import save_full_pipeline
 from dittune.export.lora_file import LoraInfo, save_lora
 from dittune.models.base import TextEmbedding
-from dittune.models.lora import lora_state_dict
+from dittune.models.draws import SampleDraws
+from dittune.models.lora import is_lora_key, lora_state_dict
 from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
-from dittune.train.metrics import MetricsLog, peak_memory_mb
+from dittune.train.metrics import MetricsLog, PhaseMemory
+from dittune.train.optim import averaged_weights, set_optimizer_mode
 from dittune.train.plot import plot_loss
 from dittune.train.prepare import validation_fps, validation_frames, validation_size
-from dittune.train.setup import Run
+from dittune.train.setup import Run, launch_engine
+from dittune.train.sharding import as_number_tensor, gather_state, is_sharded
+from dittune.train.waiting import SideWorkWait
 from dittune.validate.runner import ValidationRequest, ValidationResult, run_validation
 
 log = logging.getLogger(__name__)
@@ -46,13 +51,18 @@ class Trainer:
         )
         self.batches = CachedBatches(run.store, run.prepared, run.spec.text_encoders, dropout, run.accelerator.device)
         self.metrics = MetricsLog(cfg.output_dir, run.accelerator, start_step)
+        self.memory = run.memory or PhaseMemory(run.accelerator.device)
+        self.memory.begin()  # the first window of steps starts after loading
         self.validation_errors: list[str] = []
         self._pipeline: Any = None
         self._validation_text: tuple[list[TextEmbedding], TextEmbedding] | None = None
+        processes = run.accelerator.num_processes if cfg.validation.prompts else 1
+        self.wait_for_validation = SideWorkWait(processes, cfg.validation.timeout_minutes)
 
     # --------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         run, cfg = self.run, self.run.cfg
+        set_optimizer_mode(run.optimizer, training=True)  # schedule-free: steps need the training weights
         if cfg.validation.prompts and cfg.validation.at_start and self.step == 0:
             self.validate()
         bar = tqdm(
@@ -75,7 +85,8 @@ class Trainer:
             self.validate()
         self.plot_loss()
         final = self.export()
-        run.accelerator.end_training()
+        for tracker in run.accelerator.trackers:  # not `end_training`: it ends the process group too, and a
+            tracker.finish()  # script may train again in it (the console script closes it on exit)
         return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
 
     def optimizer_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], int]:
@@ -86,24 +97,28 @@ class Trainer:
         """
         run, cfg = self.run, self.run.cfg
         accumulation = cfg.train.gradient_accumulation_steps
-        total = torch.zeros((), device=run.accelerator.device)
+        device, seed = run.accelerator.device, cfg.train.seed
+        total = torch.zeros((), device=device)
         logs: dict[str, torch.Tensor | float] = {}
         samples = 0
-        for _ in range(accumulation):
-            _, items = run.sampler.next_batch()
-            batch = self.batches.collate(items, run.data_generator)
+        _, micro_batches = run.sampler.next_step()
+        for micro in micro_batches:
+            # Every random number of a sample is keyed by (seed, step, its position in the global batch), so the
+            # split into processes and micro-batches changes none of them.
+            batch = self.batches.collate(micro.items, SampleDraws(seed, self.step, micro.positions, "cpu", "caption"))
+            draws = SampleDraws(seed, self.step, micro.positions, device)
             samples += batch.size
             # accelerate's accumulation: gradients sync (DDP) or the engine steps (DeepSpeed) on the last
             # micro-batch only, and `backward` divides the loss by the number of micro-batches.
             with run.accelerator.accumulate(run.denoiser):
                 with run.accelerator.autocast():
-                    out = run.spec.compute_loss(run.denoiser, run.scheduler, batch, run.noise_generator, run.loss)
+                    out = run.spec.compute_loss(run.denoiser, run.scheduler, batch, draws, run.loss)
                 run.accelerator.backward(out.loss)
             total += out.loss.detach() / accumulation
             for key, value in out.logs.items():
                 logs[key] = logs.get(key, 0.0) + value / accumulation
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-        logs["grad_norm"] = run.accelerator.clip_grad_norm_(run.trainable, max_norm)
+        logs["grad_norm"] = as_number_tensor(run.accelerator.clip_grad_norm_(run.trainable, max_norm))
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -131,9 +146,17 @@ class Trainer:
             "lr": run.lr_scheduler.get_last_lr()[0],
             "step_time": elapsed,
             "samples_per_s": samples * world / elapsed if elapsed > 0 else 0.0,
-            "peak_memory_mb": peak_memory_mb(run.accelerator.device),
+            **self._memory_metrics(),
             "epoch": run.sampler.state_dict()["epoch"],
         }
+
+    def _memory_metrics(self) -> dict[str, float]:
+        """The run's peak so far and each phase's since the last logged line (`PhaseMemory`); a window of
+        steps starts."""
+        self.memory.end("step")
+        values = {"peak_memory_mb": self.memory.overall, **self.memory.take()}
+        self.memory.begin()
+        return values
 
     # -------------------------------------------------------------- side tasks
     def checkpoint(self) -> Path:
@@ -141,14 +164,37 @@ class Trainer:
         state = {
             "step": self.step,
             "processes": run.accelerator.num_processes,
+            "engine": launch_engine(),
             "config": json.loads(run.cfg.model_dump_json()),
         }
         keep = run.cfg.checkpoint.keep_last
-        return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, keep, run.process_state())
+        with averaged_weights(run.optimizer):  # schedule-free: save (and resume from) the averaged weights
+            return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, keep)
 
     def validate(self) -> ValidationResult | None:
+        """The main process samples; the others wait for it (`SideWorkWait`). An error is recorded and printed,
+        never raised, so a failed validation neither ends the run nor leaves the other processes waiting."""
+        self.memory.end("step")  # the steps before it, kept for the next logged line
+        self.memory.begin()
+        result = None
+        main = self.run.accelerator.is_main_process
+        with averaged_weights(self.run.optimizer):  # schedule-free; on every process, so weights stay equal
+            if main or is_sharded(self.run.denoiser):  # a sharded model's forward needs every process
+                try:
+                    result = self._validate(write=main)
+                except Exception as error:  # any failure of sampling is reported; training goes on
+                    message = f"step {self.step}: validation failed: {type(error).__name__}: {error}"
+                    self.validation_errors.append(message)
+                    print(f"warning: {message}")
+        self.wait_for_validation()
+        self.memory.end("validation")
+        self.memory.begin()
+        return result
+
+    def _validate(self, write: bool = True) -> ValidationResult | None:
+        """Sample the validation prompts; only with `write` are the files kept (the main process)."""
         run, cfg = self.run, self.run.cfg
-        if not run.accelerator.is_main_process or run.vae is None:
+        if run.vae is None:
             return None
         device = run.accelerator.device
         denoiser = run.accelerator.unwrap_model(run.denoiser)
@@ -180,13 +226,18 @@ class Trainer:
         for part in parked:
             part.to(device)
         denoiser.eval()
+        scratch = None if write else tempfile.TemporaryDirectory(prefix="dittune-validation-")
         try:
-            out_dir = cfg.output_dir / "validation" / f"step_{self.step:08d}"
+            out_dir = Path(scratch.name) if scratch else cfg.output_dir / "validation" / f"step_{self.step:08d}"
             result = run_validation(run.spec, self._pipeline, request, out_dir, run.accelerator.autocast)
         finally:
             denoiser.train()
             for part in parked:
                 part.to("cpu")
+            if scratch:
+                scratch.cleanup()
+        if not write:
+            return None
         self.validation_errors += [f"step {self.step}: {e}" for e in result.errors]
         if result.grid is not None:
             self._log_grid(result.grid)
@@ -214,11 +265,19 @@ class Trainer:
     def export(self) -> Path:
         run, cfg = self.run, self.run.cfg
         final = cfg.output_dir / "final"
+        set_optimizer_mode(run.optimizer, training=False)  # schedule-free: export the averaged weights
         run.accelerator.wait_for_everyone()
+        sharded = is_sharded(run.denoiser)
+        state = None
+        if sharded or cfg.train.method == "lora":  # on every process: gathering shards is a collective
+            state = gather_state(run.denoiser, run.accelerator, None if cfg.train.method == "full" else is_lora_key)
         if not run.accelerator.is_main_process:
             return final
         denoiser = run.accelerator.unwrap_model(run.denoiser)
         if cfg.train.method == "full":
+            if sharded:  # an unsharded copy on the CPU holds the gathered weights for saving
+                denoiser = run.spec.load_denoiser(torch.float32, random_init=True)
+                denoiser.load_state_dict(state)
             return save_full_pipeline(run.spec.path, run.spec.denoiser_component, denoiser, final)
         final.mkdir(parents=True, exist_ok=True)
         info = LoraInfo(
@@ -232,7 +291,7 @@ class Trainer:
             version=run.info.version,
             extra={"steps": self.step, "config": json.loads(cfg.model_dump_json())},
         )
-        save_lora(final / "lora.safetensors", lora_state_dict(denoiser), info)
+        save_lora(final / "lora.safetensors", lora_state_dict(denoiser, state=state), info)
         return final
 
 

@@ -45,7 +45,16 @@ from torch import nn
 
 from dittune.fingerprint import Fingerprinter
 from dittune.models.autoencoder import draw_latents, posterior_moments, split_moments
-from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, Moments, TextEmbedding, TrainBatch
+from dittune.models.base import (
+    LossOutput,
+    LossSettings,
+    ModelInfo,
+    ModelSpec,
+    Moments,
+    TextEmbedding,
+    TrainBatch,
+    denoiser_dtype,
+)
 from dittune.models.cogvideox.facts import (
     I2V_PIPELINE,
     TEXT_LENGTH,
@@ -53,6 +62,7 @@ from dittune.models.cogvideox.facts import (
     CogVideoXFacts,
     declared_pipeline,
 )
+from dittune.models.draws import Draws, as_draws
 from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
 
 VAE_SPATIAL = 8
@@ -256,15 +266,17 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         return float(self.vae_config.get("scaling_factor") or 1.15258426)
 
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
         """(B, C, f, h, w) moments → x0 = z · scaling_factor as (B, f, C, h, w), float32."""
-        z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
+        z = draw_latents(moments["mean"], moments["logvar"], draws, sample)
         return (z * self.scaling_factor).permute(0, 2, 1, 3, 4)
 
-    def image_latents(self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool) -> torch.Tensor:
+    def image_latents(
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
+    ) -> torch.Tensor:
         """The cached first-frame condition, (B, 1, C, h, w), scaled as the I2V pipeline scales its image."""
-        z = draw_latents(moments["image_mean"], moments["image_logvar"], generator, sample)
+        z = draw_latents(moments["image_mean"], moments["image_logvar"], draws, sample)
         inverted = bool(self.vae_config.get("invert_scale_latents"))
         scale = 1.0 / self.scaling_factor if inverted else self.scaling_factor
         return (z * scale).permute(0, 2, 1, 3, 4)
@@ -305,18 +317,19 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
-        image = self.image_latents(batch.moments, generator, settings.sample_latents) if self.is_i2v else None
+        draws = as_draws(draws)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
+        image = self.image_latents(batch.moments, draws, settings.sample_latents) if self.is_i2v else None
         x0 = self.pad_frames(x0)
         size, device = x0.shape[0], x0.device
         tables = self.schedule(scheduler, device)
-        t = torch.randint(0, tables.alphas_cumprod.shape[0], (size,), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = draws.randint(tables.alphas_cumprod.shape[0], (size,), device=device)
+        noise = draws.randn(x0.shape, device=device, dtype=x0.dtype)
         if settings.noise_offset:
-            offset = torch.randn((size, 1, x0.shape[2], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+            offset = draws.randn((size, 1, x0.shape[2], 1, 1), device=device, dtype=x0.dtype)
             noise = noise + settings.noise_offset * offset
         shape = (size, 1, 1, 1, 1)
         sqrt_alpha = tables.sqrt_alpha[t].to(x0.dtype).reshape(shape)
@@ -348,7 +361,7 @@ class CogVideoXSpec(CogVideoXFacts, ModelSpec):
         cfg = self.transformer_config
         frames, height, width = model_input.shape[1], model_input.shape[3], model_input.shape[4]
         self._check_size(height, width)
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(model_input.device.type) else compute_dtype
         hidden = model_input.to(input_dtype)
         ofs = hidden.new_full((1,), OFS) if cfg.get("ofs_embed_dim") else None

@@ -29,7 +29,9 @@ from dittune.models.base import (
     ModelSpec,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
+from dittune.models.draws import Draws, as_draws
 from dittune.models.flux.facts import COMPONENTS, FluxFacts
 
 CLIP_LENGTH = 77
@@ -170,14 +172,15 @@ class FluxSpec(FluxFacts, AutoencoderKLFamily, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models import flow_objective as flow
 
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         shift = self.sampling_shift(settings, x0.shape[-2], x0.shape[-1])
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, draws, shift)
         prediction = self.forward(denoiser, x_t, sigmas, batch.text, settings.guidance)
         loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
         return LossOutput(loss=loss, logs=logs)
@@ -191,7 +194,7 @@ class FluxSpec(FluxFacts, AutoencoderKLFamily, ModelSpec):
         guidance: float = 1.0,
     ) -> torch.Tensor:
         """One transformer call on packed latents; returns the unpacked velocity (B, C, H, W)."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         size, _, height, width = x_t.shape
         device = x_t.device

@@ -23,8 +23,10 @@ from dittune.models.base import (
     ModelSpec,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
 from dittune.models.diffusion_objective import SchedulerTables
+from dittune.models.draws import Draws, as_draws
 from dittune.models.hunyuan_dit import inspect as folder
 from dittune.models.hunyuan_dit.facts import HunyuanDiTFacts
 
@@ -140,19 +142,20 @@ class HunyuanDiTSpec(HunyuanDiTFacts, AutoencoderKLFamily, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models.diffusion_objective import add_noise, learned_sigma_v_loss
 
         tables = self._tables(scheduler)
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         device = x0.device
         size = x0.shape[0]
-        t = torch.randint(0, len(tables.betas), (size,), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = draws.randint(len(tables.betas), (size,), device=device)
+        noise = draws.randn(x0.shape, device=device, dtype=x0.dtype)
         if settings.noise_offset:
-            offset = torch.randn((size, x0.shape[1], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+            offset = draws.randn((size, x0.shape[1], 1, 1), device=device, dtype=x0.dtype)
             noise = noise + settings.noise_offset * offset
         x_t = add_noise(tables, x0, noise, t)
         output = self.forward(denoiser, x_t, t, batch)
@@ -163,7 +166,7 @@ class HunyuanDiTSpec(HunyuanDiTFacts, AutoencoderKLFamily, ModelSpec):
 
     def forward(self, denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """One denoiser call on a bucket batch; returns (B, 8, h, w)."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         autocast = torch.is_autocast_enabled(x_t.device.type)
         # Timesteps stay float32 under autocast: bf16 cannot hold integers above 256 exactly.
         input_dtype = torch.float32 if autocast else compute_dtype

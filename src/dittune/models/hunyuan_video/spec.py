@@ -42,7 +42,9 @@ from dittune.models.base import (
     ModelSpec,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
+from dittune.models.draws import Draws, as_draws
 from dittune.models.folder import read_json
 from dittune.models.hunyuan_video.facts import COMPONENTS, HunyuanVideoFacts
 
@@ -226,9 +228,9 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
         return autoencoder_identity(fingerprinter, self.family, self.path / "vae")
 
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
-        return latents_from_moments(moments, generator, sample, self.vae_config)
+        return latents_from_moments(moments, draws, sample, self.vae_config)
 
     # ------------------------------------------------------------------ denoiser
     def compute_loss(
@@ -236,14 +238,15 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models import flow_objective as flow
 
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         shift = self.sampling_shift(settings, scheduler.config)
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, draws, shift)
         prediction = self.forward(denoiser, x_t, sigmas, batch.text, settings.guidance)
         loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
         return LossOutput(loss=loss, logs=logs)
@@ -258,7 +261,7 @@ class HunyuanVideoSpec(HunyuanVideoFacts, ModelSpec):
     ) -> torch.Tensor:
         """One transformer call with the inputs in the dtypes the stock pipeline uses: latents, text and
         guidance (`guidance` × 1000) in the compute dtype, `timestep = 1000·σ` in float32."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         device = x_t.device
         guidance_input = None

@@ -38,7 +38,9 @@ from dittune.models.base import (
     SampleMeta,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
+from dittune.models.draws import Draws, as_draws
 from dittune.models.folder import weight_keys
 from dittune.models.ltx_video.facts import COMPONENTS, LTXVideoFacts, vae_compression
 from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
@@ -192,11 +194,11 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         }
 
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
         """Normalised float32 latents (B, C, f, h, w): (z − latents_mean) · scaling_factor / latents_std."""
         logvar = moments["logvar"].expand_as(moments["mean"])  # a shared log-variance channel is stored once
-        z = draw_latents(moments["mean"], logvar, generator, sample)
+        z = draw_latents(moments["mean"], logvar, draws, sample)
         mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in self.latent_statistics)
         return (z - mean) * float(self.vae_config.get("scaling_factor") or 1.0) / std
 
@@ -216,15 +218,16 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models import flow_objective as flow
 
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         shift = self.sampling_shift(settings, *x0.shape[2:])
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift)
-        conditioned = self.draw_first_frame(x0, settings.first_frame_p, generator)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, draws, shift)
+        conditioned = self.draw_first_frame(x0, settings.first_frame_p, draws)
         x_t = torch.where(self.first_frame_mask(x0, conditioned).bool(), x0, x_t)
         # Per-token timesteps only in a step that conditions a clip (one read-back, and only when p > 0).
         any_conditioned = settings.first_frame_p > 0 and x0.shape[2] > 1 and bool(conditioned.any())
@@ -233,9 +236,10 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
         loss, logs = self.masked_loss(prediction.float(), x0, noise, sigmas, conditioned, settings.weighting)
         return LossOutput(loss=loss, logs=logs)
 
-    def draw_first_frame(self, x0: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    def draw_first_frame(self, x0: torch.Tensor, p: float, draws: Draws | torch.Generator) -> torch.Tensor:
         """(B,) bool: which clips keep their first latent frame clean (never a clip of one latent frame)."""
-        draw = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+        draws = as_draws(draws)
+        draw = draws.rand((x0.shape[0],), device=x0.device)
         return (draw < p) & (x0.shape[2] > 1)
 
     @staticmethod
@@ -261,7 +265,7 @@ class LTXVideoSpec(LTXVideoFacts, ModelSpec):
 
         `timestep = 1000·σ` as the scheduler feeds it, one per clip; given `conditioned` (B,) bool, one per token,
         0 on the first latent frame of the conditioned clips (as `LTXImageToVideoPipeline`)."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         frames, height, width = x_t.shape[2:]
         patch, patch_t = self.patches

@@ -27,8 +27,10 @@ from dittune.models.base import (
     ModelSpec,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
 from dittune.models.diffusion_objective import SchedulerTables
+from dittune.models.draws import Draws, as_draws
 from dittune.models.folder import read_json
 from dittune.models.pixart_sigma.facts import PixArtSigmaFacts
 
@@ -124,18 +126,19 @@ class PixArtSigmaSpec(PixArtSigmaFacts, AutoencoderKLFamily, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models.diffusion_objective import add_noise, learned_sigma_loss, min_snr_weight
 
         tables = self._tables(scheduler)
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         size, device = x0.shape[0], x0.device
-        t = torch.randint(0, tables.num_timesteps, (size,), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t = draws.randint(tables.num_timesteps, (size,), device=device)
+        noise = draws.randn(x0.shape, device=device, dtype=x0.dtype)
         if settings.noise_offset:
-            offset = torch.randn((size, x0.shape[1], 1, 1), generator=generator, device=device, dtype=x0.dtype)
+            offset = draws.randn((size, x0.shape[1], 1, 1), device=device, dtype=x0.dtype)
             noise = noise + settings.noise_offset * offset
         x_t = add_noise(tables, x0, noise, t)
         output = self.forward(denoiser, x_t, t, batch).float()
@@ -160,7 +163,7 @@ class PixArtSigmaSpec(PixArtSigmaFacts, AutoencoderKLFamily, ModelSpec):
         return {"resolution": resolution, "aspect_ratio": aspect}
 
     def forward(self, denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         return denoiser(
             x_t.to(input_dtype),

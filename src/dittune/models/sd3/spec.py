@@ -27,7 +27,9 @@ from dittune.models.base import (
     ModelSpec,
     TextEmbedding,
     TrainBatch,
+    denoiser_dtype,
 )
+from dittune.models.draws import Draws, as_draws
 from dittune.models.sd3.facts import COMPONENTS, SD3Facts
 
 CLIP_LENGTH = 77
@@ -138,14 +140,15 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models import flow_objective as flow
 
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         shift = self.sampling_shift(settings, scheduler.config)
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, draws, shift)
         prediction = self.forward(denoiser, x_t, sigmas, batch.text)
         loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
         return LossOutput(loss=loss, logs=logs)
@@ -154,7 +157,7 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
         self, denoiser: nn.Module, x_t: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """One transformer call; `timestep = 1000·σ` as the scheduler feeds it at sampling time."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         prompt_embeds, pooled = self.joint_text(text)
         return denoiser(

@@ -43,7 +43,16 @@ from torch import nn
 
 from dittune.fingerprint import Fingerprinter
 from dittune.models.autoencoder import draw_latents
-from dittune.models.base import LossOutput, LossSettings, ModelInfo, ModelSpec, TextEmbedding, TrainBatch
+from dittune.models.base import (
+    LossOutput,
+    LossSettings,
+    ModelInfo,
+    ModelSpec,
+    TextEmbedding,
+    TrainBatch,
+    denoiser_dtype,
+)
+from dittune.models.draws import Draws, as_draws
 from dittune.models.flow_objective import scheduler_shift
 from dittune.models.text_encoder import SingleTextEncoder, load_single_text_encoder
 from dittune.models.wan.facts import COMPONENTS, TEXT_LENGTH, WanFacts
@@ -196,10 +205,10 @@ class WanSpec(WanFacts, ModelSpec):
         }
 
     def latents_from_moments(
-        self, moments: dict[str, torch.Tensor], generator: torch.Generator, sample: bool
+        self, moments: dict[str, torch.Tensor], draws: Draws | torch.Generator, sample: bool
     ) -> torch.Tensor:
         """Normalised float32 latents (B, C, f, h, w): (z − latents_mean) · (1 / latents_std), z drawn or the mean."""
-        z = draw_latents(moments["mean"], moments["logvar"], generator, sample)
+        z = draw_latents(moments["mean"], moments["logvar"], draws, sample)
         mean, std = (s.to(z.device).view(1, -1, 1, 1, 1) for s in self.latent_statistics)
         return (z - mean) * (1.0 / std)
 
@@ -209,14 +218,15 @@ class WanSpec(WanFacts, ModelSpec):
         denoiser: nn.Module,
         scheduler: Any,
         batch: TrainBatch,
-        generator: torch.Generator,
+        draws: Draws | torch.Generator,
         settings: LossSettings,
     ) -> LossOutput:
+        draws = as_draws(draws)
         from dittune.models import flow_objective as flow
 
-        x0 = self.latents_from_moments(batch.moments, generator, settings.sample_latents)
+        x0 = self.latents_from_moments(batch.moments, draws, settings.sample_latents)
         shift = self.sampling_shift(settings)
-        sigmas, noise, x_t = flow.training_draw(x0, settings, generator, shift, self.sigma_range)
+        sigmas, noise, x_t = flow.training_draw(x0, settings, draws, shift, self.sigma_range)
         prediction = self.forward(denoiser, x_t, sigmas, batch.text)
         loss, logs = flow.flow_matching_loss(prediction.float(), x0, noise, sigmas, settings.weighting)  # type: ignore[arg-type]
         return LossOutput(loss=loss, logs=logs)
@@ -226,7 +236,7 @@ class WanSpec(WanFacts, ModelSpec):
     ) -> torch.Tensor:
         """One transformer call as the pipeline makes it: latents and text in the compute dtype, `timestep =
         1000·σ` in float32, one per clip (or one per latent token for a TI2V folder)."""
-        compute_dtype = next(p.dtype for p in denoiser.parameters() if p.is_floating_point())
+        compute_dtype = denoiser_dtype(denoiser)
         input_dtype = torch.float32 if torch.is_autocast_enabled(x_t.device.type) else compute_dtype
         timestep = sigmas.to(device=x_t.device, dtype=torch.float32) * 1000.0
         if self.geometry.ti2v:
