@@ -16,6 +16,18 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 230, 20)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker() -> Iterator[None]:
+    """Every test computes on one thread: the suite runs as two xdist workers on two cores, where a second
+    OpenMP thread per worker only spins against the other worker (the quickstart's run took 3× longer so)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest single-threaded (no OpenMP spin on a shared 2-core machine).
@@ -160,11 +172,3 @@ def make_video_dataset(
         (root / f"{name}.txt").write_text(f"a {name} ball rolling to the right")
     return root
 
-
-RUN_FIRST = ("test_quickstart.py",)
-"""Modules whose tests take minutes: collected first, so that with two xdist workers the other worker runs the
-rest of the suite meanwhile instead of the suite ending on one long test."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in RUN_FIRST)  # stable: the order is kept otherwise
