@@ -166,3 +166,24 @@ def test_options_a_sharded_engine_cannot_run_are_refused_before_loading(
     for key in ("train.blocks_to_swap", "model.base_storage", "train.optimizer_offload: use fsdp's own offload"):
         assert key in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written or loaded
+
+
+def test_deepspeed_gets_the_micro_batch_and_clipping_accelerate_leaves_auto() -> None:
+    """Without a prepared dataloader accelerate cannot fill DeepSpeed's "auto" batch size (it raises at `prepare`);
+    dittune fills it and the clipping norm from the config, and keeps values a DeepSpeed config sets itself."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DeepSpeedPlugin
+
+    from dittune.train.sharding import as_number_tensor, configure_deepspeed
+
+    plugin = DeepSpeedPlugin(zero_stage=3)
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), 3, 0.5)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2  # set by the user's DeepSpeed config: kept
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), 3, None)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), 3, 0.5)  # not DeepSpeed
+    assert torch.isnan(torch.tensor(as_number_tensor(None)))  # DeepSpeed reports no norm: logged as NaN
