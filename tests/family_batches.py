@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
 from dittune.models.base import ModelSpec, SampleMeta, TrainBatch
 from dittune.models.lora import inject_lora
+from dittune.models.registry import spec_class, tiny_builder
 
 
 def encoded_batch(spec: ModelSpec, size: int = 32) -> TrainBatch:
@@ -46,3 +51,15 @@ def deeper_lora_denoiser(spec: ModelSpec, layers: int) -> nn.Module:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         param.requires_grad_("lora_" in name)
     return model.train()
+
+
+class SpecCases(dict):
+    """family → `make(spec)` of a tiny model of that family (built in `root`), on first use."""
+
+    def __init__(self, root: Path, make: Callable[[ModelSpec], Any]) -> None:
+        super().__init__()
+        self.root, self.make = root, make
+
+    def __missing__(self, family: str) -> Any:
+        self[family] = self.make(spec_class(family)(tiny_builder(family)(self.root / family, seed=0)))
+        return self[family]

@@ -29,9 +29,8 @@ from dittune.config.load import load_config, validate_config
 from dittune.models.base import ModelSpec, TrainBatch
 from dittune.models.block_offload import BlockOffload, applied_offload, offload_blocks
 from dittune.models.checkpointing import disable_block_checkpointing, is_checkpointing
-from dittune.models.registry import spec_class, tiny_builder
 from dittune.train.preflight import preflight
-from family_batches import deeper_lora_denoiser, encoded_batch
+from family_batches import SpecCases, deeper_lora_denoiser, encoded_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,20 +70,10 @@ def _lora_denoiser(spec: ModelSpec) -> nn.Module:
     return deeper_lora_denoiser(spec, LAYERS)
 
 
-class _Cases(dict):
-    def __init__(self, root: Path) -> None:
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, family: str) -> Case:
-        self[family] = Case(spec_class(family)(tiny_builder(family)(self.root / family, seed=0)))
-        return self[family]
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     """family → `Case`, built on first use."""
-    return _Cases(tmp_path_factory.mktemp("offload-models"))
+    return SpecCases(tmp_path_factory.mktemp("offload-models"), Case)
 
 
 class Watch:

@@ -30,8 +30,7 @@ from dittune.models.checkpointing import (
     is_checkpointing,
 )
 from dittune.models.compile import compile_blocks, is_compiled
-from dittune.models.registry import spec_class, tiny_builder
-from family_batches import deeper_lora_denoiser, encoded_batch
+from family_batches import SpecCases, deeper_lora_denoiser, encoded_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,20 +83,10 @@ def _lora_denoiser(spec: ModelSpec) -> nn.Module:
     return deeper_lora_denoiser(spec, LAYERS)
 
 
-class _Cases(dict):
-    def __init__(self, root: Path) -> None:
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, family: str) -> Case:
-        self[family] = Case(spec_class(family)(tiny_builder(family)(self.root / family, seed=0)))
-        return self[family]
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     """family → `Case`, built on first use."""
-    return _Cases(tmp_path_factory.mktemp("gc-models"))
+    return SpecCases(tmp_path_factory.mktemp("gc-models"), Case)
 
 
 def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
