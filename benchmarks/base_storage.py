@@ -45,6 +45,8 @@ from trainer_overhead import (
     write_results,
 )
 
+from dittune.models.checkpointing import SavedActivations
+
 STORAGES = ("default", "fp8_e4m3", "fp8_e5m2", "nf4", "int8")
 STOCK_FP8 = "diffusers fp8 hook"
 """The reference row: diffusers' `enable_layerwise_casting` on the plain run (not a dittune storage)."""
@@ -76,20 +78,11 @@ def frozen_bytes(denoiser: torch.nn.Module) -> int:
 
 
 def held_for_backward(trainer: Any) -> int:
-    """Bytes autograd saves for backward in one optimizer step, beyond the parameters (each storage once)."""
-    denoiser = trainer.run.accelerator.unwrap_model(trainer.run.denoiser)
-    params = {p.untyped_storage().data_ptr() for p in denoiser.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Bytes autograd saves for backward in one optimizer step, beyond the parameters and buffers (each storage
+    once; `SavedActivations`)."""
+    with SavedActivations(trainer.run.accelerator.unwrap_model(trainer.run.denoiser)) as saved:
         trainer.optimizer_step()
-    return sum(saved.values())
+    return saved.bytes
 
 
 def build_case(root: Path, model: Path, data: Path, storage: str, precision: str, args: Any) -> Case:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -172,3 +174,20 @@ def make_video_dataset(
         (root / f"{name}.txt").write_text(f"a {name} ball rolling to the right")
     return root
 
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as an RGB uint8 array."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def assert_images_close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to float noise: prompts are encoded in batches for the cache and one by one by the pipeline,
+    which can move a few pixels by one or two levels; any real difference is far larger."""
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """OUTPUT_DIR/metrics.jsonl as one dict per line."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

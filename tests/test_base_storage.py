@@ -23,6 +23,7 @@ from conftest import make_dataset, write_config
 from dittune.cli.main import main
 from dittune.config import load_config
 from dittune.models.base import ModelSpec, SampleMeta, TrainBatch
+from dittune.models.checkpointing import SavedActivations
 from dittune.models.lora import inject_lora, lora_state_dict
 from dittune.models.registry import spec_class, tiny_builder
 from dittune.models.storage import (
@@ -174,18 +175,9 @@ def test_fp8_keeps_no_upcast_weight_for_backward(models, batches) -> None:
     spec = spec_class("sd3")(models["sd3"])
 
     def held(model: torch.nn.Module) -> int:
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with SavedActivations(model) as saved:
             loss_and_grads(spec, model, batches["sd3"])
-        return sum(saved.values())
+        return saved.bytes
 
     plain, stored = lora_denoiser(spec, "default"), lora_denoiser(spec, "fp8_e4m3")
     assert held(stored) == held(plain)

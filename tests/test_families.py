@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, make_dataset, write_config
+from conftest import FAMILIES, assert_images_close, make_dataset, read_image, read_metrics, write_config
 from dittune.cli.main import main
 from dittune.models.registry import spec_class
 
@@ -37,22 +37,6 @@ guidance = 4.0
 rank = 4
 alpha = 2.0
 """
-
-
-def _image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _assert_same_image(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to float noise: prompts are encoded in batches for the cache and one by one by the
-    pipeline, which can move a few pixels by one level; any real difference is far larger."""
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-
-
-def _metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _dataset_for(family: str, root: Path) -> Path:
@@ -90,8 +74,8 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory, family_models: dict[str,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_run_outputs(family: str, lora_runs: dict[str, Path]) -> None:
     out = lora_runs[family]
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
-    assert all(np.isfinite(m["loss"]) for m in _metrics(out))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(out))
     for step in (0, 2, 4):
         folder = out / "validation" / f"step_{step:08d}"
         assert (folder / "grid.png").is_file() and len(list(folder.glob("00-*.png"))) == 1
@@ -109,7 +93,7 @@ def test_validation_matches_the_stock_pipeline(family: str, lora_runs: dict[str,
 
     model = family_models[family]
     spec = spec_class(family)(model)
-    validation = _image(next((lora_runs[family] / "validation" / "step_00000000").glob("00-*.png")))
+    validation = read_image(next((lora_runs[family] / "validation" / "step_00000000").glob("00-*.png")))
     height, width = validation.shape[:2]
     stock = getattr(diffusers, spec.pipeline_class).from_pretrained(model)
     stock.set_progress_bar_config(disable=True)
@@ -119,7 +103,7 @@ def test_validation_matches_the_stock_pipeline(family: str, lora_runs: dict[str,
         guidance_scale=4.0,
         generator=torch.Generator("cpu").manual_seed(0),
     ).images[0]
-    _assert_same_image(validation, np.asarray(image))
+    assert_images_close(validation, np.asarray(image))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,13 +111,13 @@ def test_sample_with_lora_matches_final_validation(family: str, lora_runs, famil
     """`dittune sample --lora` on the base reproduces the last validation image exactly."""
     out = lora_runs[family]
     validation = next((out / "validation" / "step_00000004").glob("00-*.png"))
-    height, width = _image(validation).shape[:2]
+    height, width = read_image(validation).shape[:2]
     sample = tmp_path / "sample.png"
     args = ["sample", "--precision", "fp32", "--model", str(family_models[family])]
     args += ["--lora", str(out / "final" / "lora.safetensors")]
     args += ["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", "0", "--steps", "3", "--guidance", "4"]
     assert main([*args, "--width", str(width), "--height", str(height), "--out", str(sample)]) == 0
-    _assert_same_image(_image(sample), _image(validation))
+    assert_images_close(read_image(sample), read_image(validation))
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("sd3", "flux")])
@@ -198,7 +182,7 @@ def test_resume_is_bit_identical(family: str, family_models, tmp_path) -> None:
     a = load_file(straight / "final" / "lora.safetensors")
     b = load_file(crashed / "final" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in _metrics(straight)][3:] == [m["loss"] for m in _metrics(crashed)]
+    assert [m["loss"] for m in read_metrics(straight)][3:] == [m["loss"] for m in read_metrics(crashed)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

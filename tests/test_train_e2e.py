@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import read_image, read_metrics, write_config
 from dittune.cli.main import main
 
 PROMPT = "a red circle on a white background"
@@ -28,10 +27,6 @@ negative_prompt = "blurry"
 steps = 3
 guidance = 4.0
 """
-
-
-def _metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -62,7 +57,7 @@ def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method,
         assert expected in printed, expected
     assert printed.index("Buckets: 2") < printed.index("Model      Hunyuan-DiT")  # report comes before training
 
-    metrics = _metrics(out)
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for key in ("loss", "lr", "grad_norm", "step_time", "samples_per_s", "peak_memory_mb"):
         assert all(np.isfinite(m[key]) for m in metrics), key
@@ -137,9 +132,9 @@ def test_resume_is_bit_identical(tmp_path, tiny_models, dataset, method):
         b = load_file(crashed / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    resumed = _metrics(crashed)
+    resumed = read_metrics(crashed)
     assert [m["step"] for m in resumed] == [4, 5, 6]
-    assert [m["loss"] for m in _metrics(straight)][3:] == [m["loss"] for m in resumed]
+    assert [m["loss"] for m in read_metrics(straight)][3:] == [m["loss"] for m in resumed]
 
 
 def test_resume_refuses_changed_data_settings(tmp_path, tiny_models, dataset, capsys):
@@ -151,10 +146,6 @@ def test_resume_refuses_changed_data_settings(tmp_path, tiny_models, dataset, ca
         == 2
     )
     assert "train.batch_size" in capsys.readouterr().err
-
-
-def _image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.mark.parametrize("variant", ["v1.1", "v1.2"])
@@ -203,8 +194,8 @@ def test_sample_matches_stock_pipeline(tmp_path, tiny_models, variant):
         target_size=(64, 96),
         generator=torch.Generator("cpu").manual_seed(3),
     ).images[0]
-    assert _image(out).shape == (96, 64, 3)
-    assert np.array_equal(_image(out), np.asarray(image))
+    assert read_image(out).shape == (96, 64, 3)
+    assert np.array_equal(read_image(out), np.asarray(image))
 
 
 def test_load_lora_matches_the_trained_model(tmp_path, tiny_models, dataset):
@@ -277,7 +268,7 @@ def test_load_lora_matches_the_trained_model(tmp_path, tiny_models, dataset):
         == 0
     )
     validation = next((out / "validation" / "step_00000003").glob("00-*.png"))
-    assert np.array_equal(_image(sample), _image(validation))
+    assert np.array_equal(read_image(sample), read_image(validation))
 
 
 def test_lora_learns_one_image(tmp_path, tiny_models):

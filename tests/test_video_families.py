@@ -18,7 +18,15 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import VIDEO_CASES, make_clip, make_video_dataset, write_config
+from conftest import (
+    VIDEO_CASES,
+    assert_images_close,
+    make_clip,
+    make_video_dataset,
+    read_image,
+    read_metrics,
+    write_config,
+)
 from dittune.cli.main import main
 from dittune.media import strip
 from dittune.models.registry import spec_class
@@ -64,21 +72,6 @@ def _config(tmp: Path, model: Path, data: Path, out: Path, family: str, extra: s
     return cfg
 
 
-def _image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to float noise (prompts are encoded in batches for the cache, one by one by the pipeline)."""
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _stock(family: str, model: Path):
     import diffusers
 
@@ -112,13 +105,13 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory, video_models: dict[str, 
 def test_lora_run_writes_clips_strips_and_a_grid(case: str, lora_runs: dict[str, Path]) -> None:
     family = case.partition("@")[0]
     out = lora_runs[case]
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
-    assert all(np.isfinite(m["loss"]) for m in _metrics(out))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(out))
     for step in (0, 2, 4):
         folder = out / "validation" / f"step_{step:08d}"
         (clip,) = folder.glob("00-*.mp4")
         (strip_png,) = folder.glob("00-*.png")
-        assert _image(strip_png).shape == (SIDE, FRAMES * SIDE, 3)  # frame 0 at the left, all frames
+        assert read_image(strip_png).shape == (SIDE, FRAMES * SIDE, 3)  # frame 0 at the left, all frames
         from dittune.data.video import probe_video
 
         assert probe_video(clip).frames == FRAMES
@@ -142,7 +135,7 @@ def test_validation_clip_equals_the_stock_pipeline(case: str, lora_runs, video_m
         guidance_scale=4.0,
         generator=torch.Generator("cpu").manual_seed(0),
     )
-    _assert_same(_image(validation), np.asarray(strip(spec.output_frames(output))))
+    assert_images_close(read_image(validation), np.asarray(strip(spec.output_frames(output))))
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES)
@@ -154,7 +147,7 @@ def test_sample_with_lora_matches_the_final_validation(case: str, lora_runs, vid
     args += ["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", "0", "--steps", "2", "--guidance", "4"]
     args += ["--width", str(SIDE), "--height", str(SIDE)]
     assert main([*args, "--out", str(tmp_path / "sample.png")]) == 0
-    _assert_same(_image(tmp_path / "sample.png"), _image(validation))
+    assert_images_close(read_image(tmp_path / "sample.png"), read_image(validation))
     assert main([*args, "--out", str(tmp_path / "sample.gif")]) == 0
     with Image.open(tmp_path / "sample.gif") as gif:
         assert gif.n_frames == FRAMES
@@ -214,7 +207,7 @@ def test_resume_is_bit_identical(case: str, video_models, tmp_path) -> None:
     a = load_file(straight / "final" / "lora.safetensors")
     b = load_file(crashed / "final" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in _metrics(straight)][3:] == [m["loss"] for m in _metrics(crashed)]
+    assert [m["loss"] for m in read_metrics(straight)][3:] == [m["loss"] for m in read_metrics(crashed)]
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import make_video_dataset, write_config
+from conftest import assert_images_close, make_video_dataset, write_config
 from dittune.cli.main import main
 from dittune.media import strip
 from dittune.models.registry import spec_class, tiny_builder
@@ -32,12 +32,6 @@ def _condition(path: Path) -> Path:
 def _strip_png(folder: Path) -> np.ndarray:
     (path,) = folder.glob("00-*.png")
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def _train(tmp: Path, family: str, model: Path, image: Path, resolution: int = SIDE) -> Path:
@@ -73,7 +67,7 @@ def test_cogvideox_i2v_trains_validates_and_samples_with_the_image(variant: str,
     args += ["--prompt", PROMPT, "--image", str(image), "--frames", str(FRAMES), "--fps", str(FPS)]
     args += ["--steps", "2", "--guidance", "4", "--width", str(SIDE), "--height", str(SIDE)]
     assert main([*args, "--out", str(tmp_path / "sample.png")]) == 0
-    _assert_same(np.asarray(Image.open(tmp_path / "sample.png")), final)
+    assert_images_close(np.asarray(Image.open(tmp_path / "sample.png")), final)
     # without the image the I2V model refuses, naming the fix
     assert main([a for a in args if a not in ("--image", str(image))] + ["--out", str(tmp_path / "x.png")]) != 0
     assert "image-to-video: pass --image FILE" in capsys.readouterr().err
@@ -124,7 +118,7 @@ def test_ltx_video_validates_image_to_video_and_honours_the_first_frame(tmp_path
             **kwargs, num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0)
         )
         frames[name] = spec.output_frames(result)
-    _assert_same(step0, np.asarray(strip(frames["i2v"])))
+    assert_images_close(step0, np.asarray(strip(frames["i2v"])))
 
     # the conditioning image reaches the first frame: its latent is much closer to the image's with the image than
     # without (compared as latents: the tiny VAE's random decoder does not reproduce pixels)

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_video_dataset, write_config
+from conftest import assert_images_close, make_video_dataset, read_image, read_metrics, write_config
 from dittune.cli.main import main
 from dittune.media import strip
 from dittune.models import flow_objective as flow
@@ -105,21 +104,6 @@ def _clip(pipeline, spec: WanSpec, negative: str = NEGATIVE, guidance: float = 4
         generator=torch.Generator("cpu").manual_seed(0),
         **options,
     )
-
-
-def _image(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to float noise (prompts are encoded in batches for the cache, one by one by the pipeline)."""
-    assert got.shape == want.shape
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_expert_is_required_and_checked(model: Path, data: Path, tmp_path: Path) -> None:
@@ -234,7 +218,7 @@ def test_a_lora_run_trains_one_expert_and_validates_with_both(
     import dittune
 
     out = lora_runs[expert]
-    sigmas = [m["sigma_mean"] for m in _metrics(out)]
+    sigmas = [m["sigma_mean"] for m in read_metrics(out)]
     assert len(sigmas) == 2 and all((s >= BOUNDARY) == (expert == "high_noise") for s in sigmas), sigmas
     lora = out / "final" / "lora.safetensors"
     with safe_open(lora, framework="pt") as handle:
@@ -247,13 +231,13 @@ def test_a_lora_run_trains_one_expert_and_validates_with_both(
 
     spec = WanSpec(model, expert=expert)
     (before,) = (out / "validation" / "step_00000000").glob("00-*.png")
-    _assert_same(_image(before), np.asarray(strip(spec.output_frames(_clip(_stock(model), spec)))))
+    assert_images_close(read_image(before), np.asarray(strip(spec.output_frames(_clip(_stock(model), spec)))))
     tuned = dittune.load_lora(_stock(model), lora)
     trained, other = (getattr(tuned, c) for c in (COMPONENT[expert], spec.frozen_experts[0]))
     assert hasattr(trained, "peft_config") and not hasattr(other, "peft_config")
     (after,) = (out / "validation" / "step_00000002").glob("00-*.png")
-    _assert_same(_image(after), np.asarray(strip(spec.output_frames(_clip(tuned, spec)))))
-    assert np.abs(_image(after).astype(int) - _image(before).astype(int)).max() > 2  # the LoRA changed the clip
+    assert_images_close(read_image(after), np.asarray(strip(spec.output_frames(_clip(tuned, spec)))))
+    assert np.abs(read_image(after).astype(int) - read_image(before).astype(int)).max() > 2  # the LoRA changed the clip
 
 
 @pytest.mark.parametrize("expert", list(COMPONENT))
@@ -282,7 +266,7 @@ def test_sample_with_a_low_noise_lora_matches_the_final_validation(lora_runs, mo
     args += ["--fps", str(FPS), "--seed", "0", "--steps", "2", "--guidance", "4", "--width", "64", "--height", "64"]
     assert main([*args, "--out", str(tmp_path / "sample.png")]) == 0
     (validation,) = (lora_runs["low_noise"] / "validation" / "step_00000002").glob("00-*.png")
-    _assert_same(_image(tmp_path / "sample.png"), _image(validation))
+    assert_images_close(read_image(tmp_path / "sample.png"), read_image(validation))
 
 
 def test_a_full_run_on_the_low_noise_expert_changes_only_transformer_2(model: Path, data: Path, tmp_path: Path) -> None:
@@ -311,4 +295,4 @@ def test_resume_is_bit_identical(model: Path, data: Path, tmp_path: Path) -> Non
     a = load_file(straight / "final" / "lora.safetensors")
     b = load_file(crashed / "final" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in _metrics(straight)][2:] == [m["loss"] for m in _metrics(crashed)]
+    assert [m["loss"] for m in read_metrics(straight)][2:] == [m["loss"] for m in read_metrics(crashed)]
