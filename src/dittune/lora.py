@@ -1,30 +1,52 @@
-"""`dittune.load_lora`: apply a dittune LoRA file to a stock diffusers pipeline of its family."""
+"""`dittune.load_lora`: apply a LoRA file (any format dittune reads) to a stock diffusers pipeline of its family."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from dittune.export.lora_file import read_lora
-from dittune.models.lora import inject_lora, load_lora_state_dict
-from dittune.models.registry import spec_class
+from dittune.export.lora_convert import FamilyUnknown, resolve_lora
+from dittune.models.lora import inject_exact_lora, inject_lora, load_lora_state_dict
+from dittune.models.registry import facts_class, family_names, spec_class
 
 
 def load_lora(pipeline: Any, path: str | Path, scale: float = 1.0, adapter_name: str = "dittune") -> Any:
     """Inject the adapter from `path` into the pipeline's denoiser and return the pipeline.
 
-    `scale` multiplies the trained strength (alpha / rank). The adapter stays separate from the
-    base weights (peft layers), so the result computes exactly what the trained model did.
+    `path`: a dittune (diffusers) file, or a kohya, ComfyUI or official (PEFT folder) LoRA, detected from its
+    keys; its family comes from its metadata or module names, else from the pipeline. `scale` multiplies the
+    trained strength (alpha / rank). The adapter stays separate from the base weights (peft layers), so the
+    result computes exactly what the trained model did.
     """
-    state, info = read_lora(Path(path))
-    spec_cls = spec_class(info.family)
+    try:
+        lora = resolve_lora(Path(path))
+    except FamilyUnknown:
+        family = _pipeline_family(pipeline)
+        if family is None:
+            raise
+        lora = resolve_lora(Path(path), family)
+    spec_cls = spec_class(lora.family)
     if not spec_cls.accepts_pipeline(type(pipeline).__name__):
         raise TypeError(
-            f"{path} is a {info.family} LoRA; it needs a {spec_cls.pipeline_class}, got {type(pipeline).__name__}"
+            f"{path} is a {lora.family} LoRA; it needs a {spec_cls.pipeline_class}, got {type(pipeline).__name__}"
         )
-    denoiser = getattr(pipeline, info.component)
+    denoiser = getattr(pipeline, lora.component)
     dtype = next(denoiser.parameters()).dtype
-    inject_lora(denoiser, rank=info.rank, alpha=info.alpha * scale, targets=info.targets, adapter_name=adapter_name)
+    if lora.native:  # a training output: injected exactly as it was trained
+        info = lora.info
+        inject_lora(denoiser, rank=info.rank, alpha=info.alpha * scale, targets=info.targets, adapter_name=adapter_name)
+    else:
+        shapes = {name: (module.rank, module.alpha * scale) for name, module in lora.modules.items()}
+        inject_exact_lora(denoiser, shapes, adapter_name=adapter_name)
+    state = {}
+    for name, module in lora.modules.items():
+        state[f"{name}.lora_A.weight"] = module.down
+        state[f"{name}.lora_B.weight"] = module.up
     load_lora_state_dict(denoiser, state, adapter_name=adapter_name)
     denoiser.to(dtype)
     return pipeline
+
+
+def _pipeline_family(pipeline: Any) -> str | None:
+    name = type(pipeline).__name__
+    return next((family for family in family_names() if facts_class(family).accepts_pipeline(name)), None)

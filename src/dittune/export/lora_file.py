@@ -40,6 +40,10 @@ class LoraInfo:
     extra: dict = field(default_factory=dict)
     key_prefix: str | None = None
     """The prefix of the file's keys when it is not `component` (None: the component)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Module name → rank, for modules whose rank is not `rank` (files converted from other formats)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Module name → alpha, for modules whose alpha is not `alpha`."""
 
     @property
     def scale(self) -> float:
@@ -57,13 +61,15 @@ def save_lora(path: Path, state: dict[str, torch.Tensor], info: LoraInfo) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{info.prefix}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     # diffusers' load_lora_weights reads these keys prefixed like the tensors ("transformer.r", ...)
-    peft_meta = {
-        f"{info.prefix}.{key}": value
-        for key, value in {"r": info.rank, "lora_alpha": info.alpha, "target_modules": info.targets}.items()
-    }
+    peft = {"r": info.rank, "lora_alpha": info.alpha, "target_modules": info.targets}
+    peft.update({k: v for k, v in (("rank_pattern", info.rank_pattern), ("alpha_pattern", info.alpha_pattern)) if v})
+    peft_meta = {f"{info.prefix}.{key}": value for key, value in peft.items()}
     settings = asdict(info)
     if info.prefix == info.component:
         del settings["key_prefix"]  # files whose keys carry the component stay as they always were
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if not settings[pattern]:
+            del settings[pattern]
     metadata = {
         "format": "pt",
         "dittune_lora": json.dumps({"format": FORMAT, **settings}, sort_keys=True),

@@ -106,6 +106,28 @@ class FamilyFacts:
     pipeline_class: ClassVar[str]
     """The family's stock diffusers pipeline class name (as in model_index.json)."""
 
+    layout_module: ClassVar[str | None] = None
+    """The module declaring the family's original checkpoint layout (`LAYOUT`, a `dittune.models.layout.Layout`, or
+    None) and its foreign LoRA formats (`LORA_FORMATS`: format name → `LoraFormat`); None: diffusers names only."""
+
+    @classmethod
+    def _layout_declarations(cls) -> Any:
+        import importlib
+
+        return importlib.import_module(cls.layout_module) if cls.layout_module else None
+
+    @classmethod
+    def original_layout(cls) -> Any:
+        """The `Layout` of the family's original (non-diffusers) checkpoints, or None."""
+        module = cls._layout_declarations()
+        return getattr(module, "LAYOUT", None) if module else None
+
+    @classmethod
+    def lora_formats(cls) -> dict[str, Any]:
+        """Foreign LoRA format name (kohya, comfyui, official) → `LoraFormat`; diffusers is always available."""
+        module = cls._layout_declarations()
+        return dict(getattr(module, "LORA_FORMATS", {})) if module else {}
+
     denoiser_class: ClassVar[str]
     """The diffusers class of the trained component."""
 

@@ -42,6 +42,38 @@ def inject_lora(
     return names
 
 
+def inject_exact_lora(
+    denoiser: nn.Module, shapes: dict[str, tuple[int, float]], adapter_name: str = ADAPTER
+) -> list[str]:
+    """Add LoRA layers to exactly the modules named in `shapes` (name → (rank, alpha)), each with its own rank and
+    alpha (a converted file's modules may differ). Raises ValueError naming the modules the denoiser lacks."""
+    import re
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    present = {name for name, _ in denoiser.named_modules()}
+    missing = sorted(set(shapes) - present)
+    if missing:
+        raise ValueError(f"{type(denoiser).__name__} has no modules {missing[:5]} (a LoRA for another model?)")
+    ranks = [rank for rank, _ in shapes.values()]
+    alphas = [alpha for _, alpha in shapes.values()]
+    rank, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
+
+    def exact(name: str) -> str:  # peft matches patterns as `(.*\.)?(pattern)$`: anchor at the start
+        return r"(?<!.)" + re.escape(name)
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules="^(?:" + "|".join(re.escape(name) for name in shapes) + ")$",
+        rank_pattern={exact(name): r for name, (r, _) in shapes.items() if r != rank},
+        alpha_pattern={exact(name): a for name, (_, a) in shapes.items() if a != alpha},
+        init_lora_weights=True,
+    )
+    inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+    return sorted(shapes)
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 

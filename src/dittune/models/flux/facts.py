@@ -15,6 +15,7 @@ class FluxFacts(FamilyFacts):
     display_name = "Flux.1"
     alignment = 16
     text_encoders = (TextEncoderSlot("clip", ("clip_pooled",)), TextEncoderSlot("t5", ("t5_embeds",)))
+    layout_module = "dittune.models.flux.layout"
     default_lora_targets = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",

@@ -16,6 +16,7 @@ class HunyuanDiTFacts(FamilyFacts):
         TextEncoderSlot("clip", ("prompt_embeds", "prompt_attention_mask")),
         TextEncoderSlot("t5", ("prompt_embeds_2", "prompt_attention_mask_2")),
     )
+    layout_module = "dittune.models.hunyuan_dit.layout"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     denoiser_component = "transformer"
     denoiser_class = "HunyuanDiT2DModel"
