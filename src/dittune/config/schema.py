@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 PathValue = Annotated[Path, Strict(False)]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+"""Suffixes of single-file denoiser checkpoints that `model.path` may name."""
 """A path given as a TOML string (strict mode otherwise rejects str for Path)."""
 
 MEGAPIXEL = 1024 * 1024
@@ -26,7 +29,22 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     family: str = Field(description='Model family, e.g. "hunyuan-dit".')
-    path: PathValue = Field(description="Local model folder in diffusers layout (model_index.json inside).")
+    path: PathValue = Field(
+        description=(
+            "Local model folder in diffusers layout (model_index.json inside), or a single-file checkpoint of the "
+            "denoiser (.safetensors, or an official .pt/.pth/.ckpt read with weights_only=True) in diffusers or "
+            "the family's original layout (converted on load, see docs/formats.md); the other components then "
+            "come from model.components."
+        )
+    )
+    components: PathValue | None = Field(
+        None,
+        description=(
+            "With a single-file model.path: the diffusers folder holding the other components (text encoders, "
+            "VAE, scheduler) and the denoiser's config.json. Default: the folder the file is in, when that is a "
+            "diffusers folder."
+        ),
+    )
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description=(
@@ -61,6 +79,27 @@ class ModelSection(Section):
             "`transformer_2`. Training draws noise levels from the expert's side of the boundary only."
         ),
     )
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The single-file denoiser checkpoint, when model.path names a file."""
+        return self.path if self.path.suffix.lower() in CHECKPOINT_SUFFIXES else None
+
+    @property
+    def folder(self) -> Path:
+        """The diffusers folder of the model's components (model.path itself, unless that is a single file)."""
+        if self.checkpoint is None:
+            return self.path
+        return self.components if self.components is not None else self.path.parent
+
+    @model_validator(mode="after")
+    def _single_file(self) -> ModelSection:
+        if self.components is not None and self.checkpoint is None:
+            raise ValueError(
+                f"model.components is only for a single-file model.path (.safetensors, .pt, .pth, .ckpt); "
+                f"{self.path} is a folder: remove model.components"
+            )
+        return self
 
 
 class DataSection(Section):

@@ -109,8 +109,16 @@ class ModelSpec(FamilyFacts, ABC):
     class (`dittune.models.facts.FamilyFacts`).
     """
 
-    def __init__(self, path: str | Path, t5_max_length: int | None = None, expert: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        t5_max_length: int | None = None,
+        expert: str | None = None,
+        checkpoint: str | Path | None = None,
+    ) -> None:
         self.path = Path(path)
+        # A single-file denoiser checkpoint (`model.path` naming a file): its weights replace the folder's denoiser.
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         # A model with several denoiser experts (`experts_at`) trains the one named by `expert` (`model.expert`).
         problem = self.expert_problem(self.path, expert)
         if problem:
@@ -224,7 +232,28 @@ class ModelSpec(FamilyFacts, ABC):
         folder = self.path / self.denoiser_component
         if random_init:
             return cls.from_config(cls.load_config(folder)).to(dtype)
+        if self.checkpoint is not None:
+            from accelerate import init_empty_weights
+
+            from dittune.models.single_file import load_checkpoint_into
+
+            with init_empty_weights(include_buffers=False):
+                model = cls.from_config(cls.load_config(folder))
+            load_checkpoint_into(model, self.checkpoint, self.original_layout())
+            return model.to(dtype)
         return cls.from_pretrained(folder, torch_dtype=dtype)
+
+    def denoiser_weight_names(self) -> set[str] | None:
+        """The denoiser's tensor names from weight headers (the single-file checkpoint's, in diffusers names, when
+        there is one), for version detection; None when the weights are not safetensors."""
+        from dittune.models.folder import weight_keys
+
+        if self.checkpoint is None:
+            return weight_keys(self.path / self.denoiser_component)
+        from dittune.models.single_file import checkpoint_names, diffusers_names
+
+        expected = set(weight_keys(self.path / self.denoiser_component) or ())
+        return set(diffusers_names(checkpoint_names(self.checkpoint), self.original_layout(), expected))
 
     def load_scheduler(self) -> Any:
         """The noise scheduler named in the folder's scheduler_config.json."""

@@ -17,6 +17,25 @@ from dittune.train.optim import optimizer_arg_problems, optimizer_problems
 Problem = tuple[str, str]
 
 
+def _checkpoint_problems(cfg: DittuneConfig, spec_cls: type) -> list[Problem]:
+    """A single-file model.path: the file exists, and a folder with the other components is named."""
+    checkpoint = cfg.model.checkpoint
+    if checkpoint is None:
+        return []
+    problems: list[Problem] = []
+    if not checkpoint.is_file():
+        problems.append(("model.path", f"{checkpoint} does not exist."))
+    if cfg.model.components is None and not (checkpoint.parent / "model_index.json").is_file():
+        problems.append(
+            (
+                "model.components",
+                f"model.path {checkpoint} is a single-file checkpoint; set model.components to a diffusers "
+                f"{spec_cls.display_name} folder with the text encoders, VAE and scheduler.",
+            )
+        )
+    return problems
+
+
 def preflight(cfg: DittuneConfig) -> list[Problem]:
     """Every problem found, as (dotted key, message with the fix); empty when the run can start."""
     problems: list[Problem] = []
@@ -28,12 +47,16 @@ def preflight(cfg: DittuneConfig) -> list[Problem]:
         )
         return problems + _generic_checks(cfg)
     spec_cls = facts_class(cfg.model.family)
-    problems += [("model.path", p) for p in spec_cls.check_folder(cfg.model.path)]
-    has_folder = (cfg.model.path / "model_index.json").is_file()
-    expert_problem = spec_cls.expert_problem(cfg.model.path, cfg.model.expert) if has_folder else None
+    checkpoint_problems = _checkpoint_problems(cfg, spec_cls)
+    problems += checkpoint_problems
+    folder_key = "model.components" if cfg.model.components is not None else "model.path"
+    if not any(key == "model.components" for key, _ in checkpoint_problems):
+        problems += [(folder_key, p) for p in spec_cls.check_folder(cfg.model.folder)]
+    has_folder = (cfg.model.folder / "model_index.json").is_file()
+    expert_problem = spec_cls.expert_problem(cfg.model.folder, cfg.model.expert) if has_folder else None
     if expert_problem:
         problems.append(("model.expert", expert_problem))
-    alignment = spec_cls.alignment_at(cfg.model.path) if has_folder else spec_cls.alignment
+    alignment = spec_cls.alignment_at(cfg.model.folder) if has_folder else spec_cls.alignment
     if cfg.data.bucket_step % alignment:
         nearest = snap(cfg.data.bucket_step, alignment)
         problems.append(
@@ -78,7 +101,7 @@ def _clip_checks(cfg: DittuneConfig, spec_cls: type[FamilyFacts]) -> list[Proble
         for index, image in enumerate(cfg.validation.images)
         if not image.is_file()
     ]
-    path, name = cfg.model.path, spec_cls.display_name
+    path, name = cfg.model.folder, spec_cls.display_name
     if not (path / "model_index.json").is_file():
         return problems  # reported by check_folder; the readers below need the folder
     if not spec_cls.frame_rule_at(path).is_video:

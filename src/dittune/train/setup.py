@@ -150,7 +150,12 @@ def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> 
 
 
 def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
-    spec = spec_class(cfg.model.family)(cfg.model.path, t5_max_length=cfg.model.t5_max_length, expert=cfg.model.expert)
+    spec = spec_class(cfg.model.family)(
+        cfg.model.folder,
+        t5_max_length=cfg.model.t5_max_length,
+        expert=cfg.model.expert,
+        checkpoint=cfg.model.checkpoint,
+    )
     return spec, spec.inspect()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dittune.config import DittuneConfig
 from dittune.train.optim import optimizer_label, optimizer_warnings
 from dittune.train.prepare import validation_fps, validation_frames, validation_size
 from dittune.train.setup import Run
@@ -80,7 +81,7 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
     stats = run.prepared.stats
     lines = [
         "─" * 60,
-        f"Model      {run.spec.display_name} {info.version}  ({cfg.model.path})",
+        f"Model      {run.spec.display_name} {info.version}  ({_model_source(cfg)})",
         *(f"           {k}: {v}" for k, v in info.summary.items()),
         f"Data       {_samples(plan)} in {len(plan.buckets)} bucket(s), {len(plan.skipped)} skipped  ({cfg.data.path})",
         f"Cache      {stats['latents'].line('latents')}",
@@ -108,3 +109,10 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         lines.append(f"Resumed    from {resumed_from} at step {start_step}")
     lines.append("─" * 60)
     return "\n".join(lines)
+
+
+def _model_source(cfg: DittuneConfig) -> str:
+    """The model folder, or the single-file checkpoint and the folder its other components come from."""
+    if cfg.model.checkpoint is None:
+        return str(cfg.model.path)
+    return f"{cfg.model.path}, components from {cfg.model.folder}"

@@ -21,12 +21,14 @@ def folder_problems(path: Path) -> list[str]:
     return pipeline_folder_problems(path, "HunyuanDiTPipeline", COMPONENTS)
 
 
-def detect(path: Path) -> ModelInfo:
-    """Detect the version from the transformer weights and check configs agree with it."""
+def detect(path: Path, keys: set[str] | None = None, checkpoint: Path | None = None) -> ModelInfo:
+    """Detect the version from the transformer weights (`keys`, in diffusers names: those of `checkpoint` when the
+    denoiser comes from a single file; default the folder's) and check configs agree with it."""
     path = Path(path)
     tcfg = read_json(path / "transformer" / "config.json")
     scfg = read_json(path / "scheduler" / "scheduler_config.json")
-    keys = weight_keys(path / "transformer")
+    keys = keys if keys is not None or checkpoint is not None else weight_keys(path / "transformer")
+    weights = checkpoint if checkpoint is not None else f"{path}/transformer"
     config_says_style = bool(tcfg.get("use_style_cond_and_image_meta_size", True))
     warnings: list[str] = []
     if keys is None:
@@ -35,10 +37,15 @@ def detect(path: Path) -> ModelInfo:
     else:
         has_style = STYLE_KEY in keys
         if has_style != config_says_style:
+            fix = (
+                "fix config.json to match the weights"
+                if checkpoint is None
+                else "set model.components to a folder of the checkpoint's version"
+            )
             raise ValueError(
-                f"{path}/transformer: the weights {'have' if has_style else 'lack'} the style embedder "
-                f"(v{'1.0/1.1' if has_style else '1.2'}) but config.json sets use_style_cond_and_image_meta_size="
-                f"{str(config_says_style).lower()}; fix config.json to match the weights"
+                f"{weights}: the weights {'have' if has_style else 'lack'} the style embedder "
+                f"(v{'1.0/1.1' if has_style else '1.2'}) but {path}/transformer/config.json sets "
+                f"use_style_cond_and_image_meta_size={str(config_says_style).lower()}; {fix}"
             )
     version = "v1.0/v1.1" if has_style else "v1.2"
     if "distill" in path.name.lower():

@@ -63,7 +63,7 @@ def rotary_embedding(
 class HunyuanDiTSpec(HunyuanDiTFacts, AutoencoderKLFamily, ModelSpec):
     # ----------------------------------------------------------------- inspection
     def inspect(self) -> ModelInfo:
-        return folder.detect(self.path)
+        return folder.detect(self.path, self.denoiser_weight_names(), self.checkpoint)
 
     @cached_property
     def uses_size_conditioning(self) -> bool:
