@@ -158,6 +158,7 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert calls[-1] == {
         "model": Path("m"),
         "lora": None,
+        "lora_scale": 1.0,
         "prompt": "a cat",
         "negative_prompt": "",
         "seed": 0,
@@ -171,6 +172,7 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "frames": None,
         "fps": None,
         "image": None,
+        "low_vram": False,
     }
     argv = ["sample", "--model", "m", "--lora", "l.safetensors", "--prompt", "p", "--negative-prompt", "n"]
     argv += ["--seed", "3", "--steps", "4", "--guidance", "1.5", "--width", "64", "--height", "32"]
@@ -184,6 +186,8 @@ def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (calls[-1]["frames"], calls[-1]["fps"], calls[-1]["out"]) == (9, 12.0, Path("o.mp4"))
     assert main(["sample", "--model", "m", "--prompt", "p", "--out", "o.gif", "--image", "first.png"]) == 0
     assert calls[-1]["image"] == Path("first.png")
+    assert main(["sample", "--model", "m", "--prompt", "p", "--out", "o.png", "--low-vram"]) == 0
+    assert calls[-1]["low_vram"] is True
 
 
 def test_user_errors_from_handlers_are_one_line(

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -75,6 +76,14 @@ def test_train_produces_outputs(tmp_path, tiny_models, dataset, variant, method,
 
     final = out / "final"
     base = tiny_models[variant]
+    card = (final / "README.md").read_text(encoding="utf-8")  # the model card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == str(base) and front["library_name"] == "diffusers"
+    assert ("lora" in front["tags"]) == (method == "lora") and "hunyuan-dit" in front["tags"]
+    assert front["instance_prompt"] == "circle white background"  # the words all 8 captions share
+    assert (final / "validation.png").read_bytes() == (out / "validation" / "step_00000004" / "grid.png").read_bytes()
+    assert "![validation grid](validation.png)" in card and "| steps | 4 |" in card
+    assert "Trigger words" not in (base / "README.md").read_text(encoding="utf-8")  # full: not written through a link
     if method == "lora":
         with safe_open(final / "lora.safetensors", framework="pt") as handle:
             meta = json.loads(handle.metadata()["dittune_lora"])

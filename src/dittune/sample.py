@@ -29,6 +29,7 @@ def run_sample(
     frames: int | None = None,
     fps: float | None = None,
     image: Path | None = None,
+    low_vram: bool = False,
 ) -> Path:
     """Generate with the family's stock pipeline (CPU generator seeded with `seed`) and save it at `out`:
     a PNG (for a clip, the strip of all frames), or an MP4, GIF or WebP clip.
@@ -39,6 +40,10 @@ def run_sample(
     `precision` ("auto", "fp32", "bf16", "fp16") follows the training rule: "auto" is bf16 on GPUs and
     CPUs that compute it natively, else fp32; half precisions store the weights in that dtype and run
     under autocast, as validation does.
+
+    `low_vram` (`dittune.sample_low_vram`): encode the prompts, free the text encoders, then denoise and decode
+    with VAE tiling (model CPU offload on CUDA, 8-bit T5 there when bitsandbytes is installed); prints the peak
+    memory measured. Without it the stock pipeline runs as it is.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = device_precision(precision, device)
@@ -68,20 +73,32 @@ def run_sample(
         raise ValueError(f"--image: {spec.display_name} does not take a conditioning image")
     condition = _load_image(image) if image is not None else None
     dtype = DTYPES[chosen.name]
-    pipeline = spec.load_pipeline(dtype, conditioned=condition is not None).to(device)
+    low = None
+    if low_vram:
+        from dittune.sample_low_vram import LowVramSampling
+
+        low = LowVramSampling(spec, device, dtype)
+        pipeline = low.load(prompt, negative_prompt, conditioned=condition is not None)
+    else:
+        pipeline = spec.load_pipeline(dtype, conditioned=condition is not None).to(device)
     if lora is not None:
         from dittune.lora import load_lora
 
         load_lora(pipeline, lora, scale=lora_scale)
+    if low is not None:
+        low.place(pipeline)
     default_width, default_height = spec.default_size(pipeline)
     width, height = width or default_width, height or default_height
     for name, value in (("--width", width), ("--height", height)):
         if value % spec.alignment:
             raise ValueError(f"{name} {value} is not a multiple of {spec.alignment} ({spec.display_name})")
     rate = fps or spec.default_fps
-    kwargs = spec.prompt_kwargs(
-        prompt, negative_prompt, width=width, height=height, frames=count, fps=rate, image=condition
-    )
+    if low is not None:
+        kwargs = low.call_kwargs(width=width, height=height, frames=count, fps=rate, image=condition)
+    else:
+        kwargs = spec.prompt_kwargs(
+            prompt, negative_prompt, width=width, height=height, frames=count, fps=rate, image=condition
+        )
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         output = pipeline(**kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
@@ -91,6 +108,8 @@ def run_sample(
     write_frames(result, out, rate)
     clip = f", {len(result)} frames at {rate:g} fps" if rule.is_video else ""
     print(f"wrote {out} ({width}×{height}{clip}, seed {seed}, {steps} steps, guidance {guidance:g}, {chosen.name})")
+    if low is not None:
+        print(low.finish())
     return out
 
 

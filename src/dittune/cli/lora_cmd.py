@@ -1,4 +1,4 @@
-"""`dittune lora convert` and `dittune lora inspect`: LoRA files between dittune, kohya, ComfyUI and official formats."""
+"""`dittune lora convert` and `dittune lora inspect`: LoRAs between dittune, kohya, ComfyUI and official formats."""
 
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from dittune.cli.caption_cmd import add_caption_parser
+from dittune.cli.export_cmd import add_export_parser
+from dittune.cli.lora_cmd import add_lora_parser
+from dittune.cli.prepare_cmd import add_prepare_parser
 from dittune.config import ConfigError, DittuneConfig, load_config
 from dittune.models.registry import tiny_builder, tiny_families
 
@@ -62,6 +66,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run_sample(
         model=Path(args.model),
         lora=Path(args.lora) if args.lora is not None else None,
+        lora_scale=args.lora_scale,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
@@ -75,6 +80,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         frames=args.frames,
         fps=args.fps,
         image=Path(args.image) if args.image is not None else None,
+        low_vram=args.low_vram,
     )
     return EXIT_OK
 
@@ -111,12 +117,12 @@ def _clip_line(cfg: DittuneConfig) -> str:
     from dittune.models.registry import facts_class
 
     facts = facts_class(cfg.model.family)
-    if not (cfg.model.path / "model_index.json").is_file():
+    if not (cfg.model.folder / "model_index.json").is_file():
         return ""
-    rule = facts.frame_rule_at(cfg.model.path)
+    rule = facts.frame_rule_at(cfg.model.folder)
     if not rule.is_video:
         return ""
-    asked = cfg.data.frames or facts.default_frames_at(cfg.model.path)
+    asked = cfg.data.frames or facts.default_frames_at(cfg.model.folder)
     frames = rule.snap_down(asked)
     snapped = f" (data.frames {asked} snapped down)" if frames != asked else ""
     rate = f"{cfg.data.fps:g} fps" if cfg.data.fps else "each clip's own rate"
@@ -196,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate one image or clip from a model folder (and a LoRA)")
     sample.add_argument("--model", required=True, metavar="DIR", help="model folder in diffusers layout")
-    sample.add_argument("--lora", metavar="FILE", help="LoRA weights to apply")
+    sample.add_argument(
+        "--lora", metavar="FILE", help="LoRA to apply: dittune/diffusers, kohya, ComfyUI or official (PEFT folder)"
+    )
+    sample.add_argument("--lora-scale", type=float, default=1.0, metavar="F", help="LoRA strength (default 1)")
     sample.add_argument("--prompt", required=True, metavar="TEXT")
     sample.add_argument("--negative-prompt", default="", metavar="TEXT")
     sample.add_argument("--seed", type=int, default=0, metavar="N")
@@ -219,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="compute precision (auto: bf16 where the GPU or CPU computes it natively, else fp32)",
+    )
+    sample.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="encode the prompt, free the text encoders, then denoise and decode with VAE tiling (CUDA: model CPU "
+        "offload, 8-bit T5 with bitsandbytes); prints the peak memory",
     )
     sample.set_defaults(handler=_cmd_sample)
 
@@ -250,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--variant", default=None, help=f"family variant ({' | '.join(variants)}; default: latest)")
     tiny.add_argument("--seed", type=int, default=0, metavar="N")
     tiny.set_defaults(handler=_cmd_tiny)
+    add_lora_parser(commands)
+    add_export_parser(commands)
+    add_prepare_parser(commands)
+    add_caption_parser(commands)
     return parser
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from dittune.cache.build import TEXT
 from dittune.export.full import save_full_pipeline
 from dittune.export.lora_file import LoraInfo, save_lora
+from dittune.export.model_card import derive_trigger_words, write_model_card
 from dittune.models.base import TextEmbedding
 from dittune.models.draws import SampleDraws
 from dittune.models.lora import is_lora_key, lora_state_dict
@@ -56,6 +57,7 @@ class Trainer:
         self.validation_errors: list[str] = []
         self._pipeline: Any = None
         self._validation_text: tuple[list[TextEmbedding], TextEmbedding] | None = None
+        self.last_grid: Path | None = None
         processes = run.accelerator.num_processes if cfg.validation.prompts else 1
         self.wait_for_validation = SideWorkWait(processes, cfg.validation.timeout_minutes)
 
@@ -240,6 +242,7 @@ class Trainer:
             return None
         self.validation_errors += [f"step {self.step}: {e}" for e in result.errors]
         if result.grid is not None:
+            self.last_grid = result.grid
             self._log_grid(result.grid)
         return result
 
@@ -278,21 +281,52 @@ class Trainer:
             if sharded:  # an unsharded copy on the CPU holds the gathered weights for saving
                 denoiser = run.spec.load_denoiser(torch.float32, random_init=True)
                 denoiser.load_state_dict(state)
-            return save_full_pipeline(run.spec.path, run.spec.denoiser_component, denoiser, final)
-        final.mkdir(parents=True, exist_ok=True)
-        info = LoraInfo(
-            family=run.spec.family,
-            component=run.spec.denoiser_component,
-            key_prefix=run.spec.lora_key_prefix,
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
-            targets=list(cfg.lora.targets or run.spec.default_lora_targets),
-            base_model=str(run.spec.path),
-            version=run.info.version,
-            extra={"steps": self.step, "config": json.loads(cfg.model_dump_json())},
-        )
-        save_lora(final / "lora.safetensors", lora_state_dict(denoiser, state=state), info)
+            save_full_pipeline(run.spec.path, run.spec.denoiser_component, denoiser, final)
+        else:
+            final.mkdir(parents=True, exist_ok=True)
+            info = LoraInfo(
+                family=run.spec.family,
+                component=run.spec.denoiser_component,
+                key_prefix=run.spec.lora_key_prefix,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
+                targets=list(cfg.lora.targets or run.spec.default_lora_targets),
+                base_model=str(run.spec.path),
+                version=run.info.version,
+                extra={"steps": self.step, "config": json.loads(cfg.model_dump_json())},
+            )
+            save_lora(final / "lora.safetensors", lora_state_dict(denoiser, state=state), info)
+        self.write_model_card(final)
         return final
+
+    def write_model_card(self, final: Path) -> None:
+        """final/README.md: a Hugging Face model card (trigger words derived from the captions, the settings, the
+        last validation grid). A failure is reported, never raised: the weights are saved."""
+        run, cfg = self.run, self.run.cfg
+        spec, samples = run.spec, run.prepared.plan.samples
+        video = spec.frame_rule_at(spec.path).is_video
+        task = "image-to-video" if spec.needs_image else "text-to-video" if video else "text-to-image"
+        try:
+            write_model_card(
+                final,
+                base_model=spec.path,
+                family=spec.family,
+                family_name=spec.display_name,
+                method=cfg.train.method,
+                config=cfg,
+                steps=self.step,
+                trigger_words=derive_trigger_words([sample.record.caption for sample in samples]),
+                validation_prompts=cfg.validation.prompts,
+                grid=self.last_grid,
+                task=task,
+                processes=run.accelerator.num_processes,
+                precision=run.precision.name,
+                lora_targets=list(cfg.lora.targets or spec.default_lora_targets),
+                samples=len(samples),
+                version=run.info.version,
+            )
+        except (OSError, ValueError) as error:
+            print(f"warning: could not write the model card {final / 'README.md'}: {error}")
 
 
 def load_image(path: Path) -> Any:
