@@ -21,10 +21,13 @@ def load_lora(pipeline: Any, path: str | Path, scale: float = 1.0, adapter_name:
     try:
         lora = resolve_lora(Path(path))
     except FamilyUnknown:
-        family = _pipeline_family(pipeline)
-        if family is None:
-            raise
-        lora = resolve_lora(Path(path), family)
+        lora = None
+    family = _pipeline_family(pipeline)
+    fits = lora is not None and spec_class(lora.family).accepts_pipeline(type(pipeline).__name__)
+    if family is not None and not fits and (lora is None or lora.family_from == "module names"):
+        lora = resolve_lora(Path(path), family)  # names several families share: the pipeline's decides
+    if lora is None:
+        lora = resolve_lora(Path(path))  # raises FamilyUnknown with its message
     spec_cls = spec_class(lora.family)
     if not spec_cls.accepts_pipeline(type(pipeline).__name__):
         raise TypeError(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dittune.export.lora_file import FORMAT, LoraInfo, read_lora, save_lora
 from dittune.export.lora_formats import LoraTensors, read_tensors, write_tensors
-from dittune.models.layout import Fuse, Layout, LoraFormat
+from dittune.models.layout import Fuse, Layout, LoraFormat, Rename
 from dittune.models.layout_convert import FusedPart, LoraModule, lora_from_theirs, lora_to_theirs
 from dittune.models.registry import facts_class, family_names
 
@@ -277,9 +277,9 @@ def _key_map(lora: ResolvedLora) -> list[str]:
                 )
             else:
                 how = f"  [fused rank {module.rank}: split rows of B]"
-        elif match and getattr(match.rule, "swap_halves", False):
+        elif match and isinstance(match.rule, Rename) and match.rule.swaps(module.up.shape[0], module.down.shape[1]):
             how = "  [(shift, scale) rows swapped]"
-        grouped[(re.sub(r"\.\d+\.", ".{i}.", name), re.sub(r"\.\d+\.", ".{i}.", ours) + how)] += 1
+        grouped[(re.sub(r"\.\d+\.", ".{i}.", name, count=1), re.sub(r"\.\d+\.", ".{i}.", ours, count=1) + how)] += 1
     width = max((len(theirs) for theirs, _ in grouped), default=0)
     return [
         f"{theirs:<{width}} → {ours}" + (f"  (×{n})" if n > 1 else "") for (theirs, ours), n in sorted(grouped.items())

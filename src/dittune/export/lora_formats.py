@@ -95,6 +95,11 @@ def read_tensors(path: Path) -> LoraTensors:
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    # VideoX-Fun writes `lora_unet__transformer_blocks_…`; ComfyUI reads it as `lora_unet_…`, and so does dittune
+    tensors = {
+        KOHYA_PREFIX + k[len(KOHYA_PREFIX) + 1 :] if k.startswith(KOHYA_PREFIX + "_") else k: v
+        for k, v in tensors.items()
+    }
     naming = detect_naming(list(tensors))
     return _group(tensors, naming, metadata, config)
 

@@ -94,16 +94,20 @@ def write_model_card(
     lora_targets: Sequence[str] | None = None,
     samples: int | None = None,
     version: str | None = None,
+    controlnet_classes: tuple[str, str] | None = None,
 ) -> Path:
     """Write FINAL_DIR/README.md (atomically) and copy `grid` next to it as `validation<suffix>`.
 
     `family` is the `model.family` value (a tag), `family_name` its display name; `config` is the resolved
     config as a dict or the pydantic object; `task` the Hub pipeline tag ("text-to-image", "text-to-video",
     "image-to-video"); `precision` the resolved compute precision; `lora_targets` the resolved LoRA targets
-    (default: the config's).
+    (default: the config's); `controlnet_classes` the (ControlNet, pipeline) diffusers class names of a
+    ControlNet run.
     """
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    if method not in ("lora", "full", "controlnet"):
+        raise ValueError(f"method must be 'lora', 'full' or 'controlnet', got {method!r}")
+    if method == "controlnet" and controlnet_classes is None:
+        raise ValueError("a ControlNet card needs controlnet_classes (the ControlNet and pipeline class names)")
     settings = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +117,13 @@ def write_model_card(
         image_name = f"validation{Path(grid).suffix.lower()}"
         _copy_atomic(Path(grid), final_dir / image_name)
     front = _front_matter(model_id, family, method, task, trigger_words)
-    title = f"{final_dir.parent.name or 'dittune'}: {family_name} {'LoRA' if method == 'lora' else 'fine-tune'}"
-    kind = f"a LoRA (rank {settings['lora']['rank']})" if method == "lora" else "a full fine-tune"
+    noun = {"lora": "LoRA", "full": "fine-tune", "controlnet": "ControlNet"}[method]
+    title = f"{final_dir.parent.name or 'dittune'}: {family_name} {noun}"
+    kind = {
+        "lora": f"a LoRA (rank {settings['lora']['rank']})",
+        "full": "a full fine-tune",
+        "controlnet": "a ControlNet (in `controlnet/`)",
+    }[method]
     trained_on = f" on {samples} captioned {'clips or images' if 'video' in task else 'images'}" if samples else ""
     base_text = f"`{model_id}`" + (f" ({family_name} {version})" if version else f" ({family_name})")
     sections = [
@@ -122,7 +131,11 @@ def write_model_card(
         f"This is {kind} of {base_text}, trained with dittune for {steps} steps{trained_on}.",
         "The `license` above is a placeholder (`other`): set it to the base model's license before publishing.",
         _trigger_section(trigger_words),
-        _usage_section(model_id, str(base_model), method, task, _example_prompt(validation_prompts, trigger_words)),
+        _controlnet_usage(model_id, controlnet_classes, _example_prompt(validation_prompts, trigger_words))
+        if controlnet_classes and method == "controlnet"
+        else _usage_section(
+            model_id, str(base_model), method, task, _example_prompt(validation_prompts, trigger_words)
+        ),
         _settings_section(settings, method, steps, processes, precision, lora_targets),
         _validation_section(image_name, validation_prompts),
     ]
@@ -143,7 +156,7 @@ def _front_matter(model_id: str, family: str, method: str, task: str, trigger_wo
     }
     if trigger_words:
         front["instance_prompt"] = " ".join(trigger_words)
-    tags = ["lora"] if method == "lora" else []
+    tags = [method] if method in ("lora", "controlnet") else []
     front["tags"] = [*tags, task, "diffusers", "dittune", family]
     return front
 
@@ -169,6 +182,26 @@ def _example_prompt(validation_prompts: Sequence[str], trigger_words: Sequence[s
     if validation_prompts:
         return validation_prompts[0]
     return " ".join(trigger_words) or "a photo"
+
+
+def _controlnet_usage(model_id: str, classes: tuple[str, str], prompt: str) -> str:
+    """Python: the ControlNet from this folder's `controlnet/` with the base model's stock ControlNet pipeline."""
+    controlnet, pipeline = classes
+    lines = [
+        "import torch",
+        f"from diffusers import {controlnet}, {pipeline}",
+        "from diffusers.utils import load_image",
+        "",
+        f'controlnet = {controlnet}.from_pretrained("controlnet", torch_dtype=torch.bfloat16)',
+        f"pipeline = {pipeline}.from_pretrained(",
+        f"    {json.dumps(model_id, ensure_ascii=False)}, controlnet=controlnet, torch_dtype=torch.bfloat16",
+        ').to("cuda")',
+        'control = load_image("control.png")  # the conditioning image (e.g. an edge or depth map)',
+        f"image = pipeline({json.dumps(prompt, ensure_ascii=False)}, control_image=control).images[0]",
+        'image.save("sample.png")',
+    ]
+    code = "\n".join(lines)
+    return f"## How to use\n\nFrom this folder, with diffusers:\n\n```python\n{code}\n```"
 
 
 def _usage_section(model_id: str, base_folder: str, method: str, task: str, prompt: str) -> str:

@@ -55,6 +55,8 @@ def export_denoiser(run: Path, to: str, out: Path | None = None, component: str 
     facts = facts_class(family)
     component = component or facts.denoiser_component
     layout = facts.original_layout()
+    if layout is not None and not layout.original:
+        layout = None
     if layout is None and to == "official":
         raise ValueError(f"{facts.display_name} has no official checkpoint layout in dittune; use --to single-file")
     state = read_component(folder / component)

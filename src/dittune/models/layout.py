@@ -8,7 +8,8 @@ underscore-flattened module names of kohya files. Torch-free: declarations and n
 
 Rules:
 - `Rename`: one diffusers module ↔ one original module (parameter names may differ, e.g. `weight` ↔ `scale`;
-  `swap_halves` where the two layouts order a modulation's (shift, scale) rows oppositely).
+  `swap_halves` where the two layouts order a modulation's (shift, scale) rows oppositely; `swap_if_rows` where
+  only modules of one shape swap).
 - `Fuse`: several diffusers modules ↔ one original module whose output rows are theirs concatenated (fused
   q/k/v projections). `ratios` gives the parts' relative row counts (None: equal).
 - `Key`: one tensor ↔ one tensor (a bare parameter such as a positional table).
@@ -38,6 +39,17 @@ class Rename:
     params: tuple[tuple[str, str], ...] = ()
     """(our parameter name, theirs) pairs that differ, e.g. (("weight", "scale"),)."""
     swap_halves: bool = False
+    swap_if_rows: int | None = None
+    """With `swap_halves`: swap only where the module's output rows are this many times its input features
+    (SD3's pre-only last context block modulates with 2 × width rows, the other blocks' 6 × keep their order)."""
+
+    def swaps(self, rows: int, features: int | None) -> bool:
+        """Whether the rows of a tensor of this module (`rows` outputs, `features` inputs) swap their halves."""
+        if not self.swap_halves or self.swap_if_rows is None:
+            return self.swap_halves
+        if features is None:
+            raise ValueError(f"{self.ours} ↔ {self.theirs}: the swap depends on the weight's shape, which is missing")
+        return rows == self.swap_if_rows * features
 
     def their_param(self, param: str) -> str:
         return dict(self.params).get(param, param)
@@ -100,6 +112,9 @@ class Layout:
     rules: tuple[Rule, ...]
     prefixes: tuple[str, ...] = field(default=("model.diffusion_model.",))
     """Prefixes original checkpoints may carry before the module names (stripped when read)."""
+    original: bool = True
+    """False for a layout that only lists the diffusers names (to resolve kohya names and detect the family):
+    the family has no original checkpoint layout to export to."""
 
     @cached_property
     def _ours(self) -> list[tuple[re.Pattern[str], Rule, int | None]]:

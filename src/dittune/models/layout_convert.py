@@ -64,6 +64,12 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
+def _features(state: dict[str, torch.Tensor], weight_key: str) -> int | None:
+    """The input features of the module whose weight is `weight_key` in `state`, or None."""
+    weight = state.get(weight_key)
+    return None if weight is None or weight.ndim < 2 else weight.shape[1]
+
+
 def _split_key(key: str) -> tuple[str, str]:
     module, _, param = key.rpartition(".")
     return module, param
@@ -87,9 +93,8 @@ def to_theirs_state(state: dict[str, torch.Tensor], layout: Layout) -> dict[str,
         if match is None or isinstance(match.rule, Key):
             out[key] = tensor
         elif isinstance(match.rule, Rename):
-            out[f"{match.theirs}.{match.rule.their_param(param)}"] = (
-                _swap_halves(tensor) if match.rule.swap_halves else tensor
-            )
+            swap = match.rule.swaps(tensor.shape[0], _features(state, f"{module}.weight"))
+            out[f"{match.theirs}.{match.rule.their_param(param)}"] = _swap_halves(tensor) if swap else tensor
         else:
             fused[(match.theirs, param)][match.part] = tensor
             rules[(match.theirs, param)] = match
@@ -109,16 +114,16 @@ def from_theirs_state(state: dict[str, torch.Tensor], layout: Layout) -> dict[st
         key = layout.strip_prefix(raw_key)
         match = layout.match_theirs(key)
         if match is not None and isinstance(match.rule, Key):
-            out[match.rule.ours] = tensor
+            out[match.ours[0]] = tensor
             continue
         module, param = _split_key(key)
         match = layout.match_theirs(module)
         if match is None or isinstance(match.rule, Key):
             out[key] = tensor
         elif isinstance(match.rule, Rename):
-            out[f"{match.ours[0]}.{match.rule.our_param(param)}"] = (
-                _swap_halves(tensor) if match.rule.swap_halves else tensor
-            )
+            weight = raw_key[: len(raw_key) - len(param)] + match.rule.their_param("weight")
+            swap = match.rule.swaps(tensor.shape[0], _features(state, weight))
+            out[f"{match.ours[0]}.{match.rule.our_param(param)}"] = _swap_halves(tensor) if swap else tensor
         else:
             rows = match.rule.part_rows(tensor.shape[0])
             for name, piece in zip(match.ours, torch.split(tensor, rows, dim=0), strict=True):
@@ -141,8 +146,8 @@ def lora_to_theirs(
         if match is None or isinstance(match.rule, Key):
             out[name] = module
         elif isinstance(match.rule, Rename):
-            up = _swap_halves(module.up) if match.rule.swap_halves else module.up
-            out[match.theirs] = LoraModule(module.down, up, module.alpha)
+            swap = match.rule.swaps(module.up.shape[0], module.down.shape[1])
+            out[match.theirs] = LoraModule(module.down, _swap_halves(module.up) if swap else module.up, module.alpha)
         else:
             groups[match.theirs][match.part] = name
             matches[match.theirs] = match
@@ -189,8 +194,8 @@ def lora_from_theirs(
         if match is None or isinstance(match.rule, Key):
             out[name] = module
         elif isinstance(match.rule, Rename):
-            up = _swap_halves(module.up) if match.rule.swap_halves else module.up
-            out[match.ours[0]] = LoraModule(module.down, up, module.alpha)
+            swap = match.rule.swaps(module.up.shape[0], module.down.shape[1])
+            out[match.ours[0]] = LoraModule(module.down, _swap_halves(module.up) if swap else module.up, module.alpha)
         elif record and name in record:
             out.update(_split_recorded(module, record[name]))
         else:

@@ -67,7 +67,7 @@ def diffusers_names(names: list[str], layout: Layout | None, expected: set[str])
         name = layout.strip_prefix(raw)
         match = layout.match_theirs(name)
         if match is not None and isinstance(match.rule, Key):
-            out.append(match.rule.ours)
+            out.append(match.ours[0])
             continue
         module, _, param = name.rpartition(".")
         match = layout.match_theirs(module)

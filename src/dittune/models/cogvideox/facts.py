@@ -64,6 +64,7 @@ class CogVideoXFacts(FamilyFacts):
     denoiser_class = "CogVideoXTransformer3DModel"
     vae_class = "AutoencoderKLCogVideoX"
     pipeline_class = T2V_PIPELINE
+    layout_module = "dittune.models.cogvideox.layout"
     loss_options = frozenset({"noise_offset", "min_snr_gamma"})
     t5_lengths = None
     frame_rule = FrameRule(VAE_TEMPORAL)

@@ -38,6 +38,7 @@ class LTXVideoFacts(FamilyFacts):
     denoiser_class = "LTXVideoTransformer3DModel"
     vae_class = "AutoencoderKLLTXVideo"
     pipeline_class = "LTXPipeline"
+    layout_module = "dittune.models.ltx_video.layout"
     loss_options = FLOW_LOSS_OPTIONS | {"first_frame_p"}
     t5_lengths = (128, 256)
     """128 tokens as `LTXPipeline` (`max_sequence_length`); LTXConditionPipeline uses up to 256."""

@@ -97,6 +97,7 @@ class WanFacts(FamilyFacts):
     denoiser_class = "WanTransformer3DModel"
     vae_class = "AutoencoderKLWan"
     pipeline_class = "WanPipeline"
+    layout_module = "dittune.models.wan.layout"
     loss_options = FLOW_LOSS_OPTIONS
     lora_key_prefix = "transformer"
     """diffusers' `WanPipeline.load_lora_weights` reads `transformer.` keys for either expert and loads them into
