@@ -69,3 +69,11 @@ def write_mp4(frames: Sequence[Image.Image], path: Path, fps: float, crf: int = 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def load_image(path: Path) -> Image.Image:
+    """An image file as RGB, EXIF orientation applied (conditioning and control images)."""
+    from PIL import ImageOps
+
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")

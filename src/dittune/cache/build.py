@@ -6,7 +6,8 @@ Keys hash everything that produced an entry:
 - latents: the source file fingerprint, the geometry (bucket, resize, crop, flip, resize method; for a
   clip also the chosen source frames, its rate and the decoder version: what the frame count, fps,
   sampling mode and start frame decide), the spec's VAE identity (plus tiling when on), the VAE compute
-  dtype and the storage dtype.
+  dtype and the storage dtype. A ControlNet conditioning image is a latent job like any other: its source
+  is the control file and its geometry its target's, plus ``"role": "control"``.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def ensure_latents(
     progress: bool = True,
     vae_options: dict[str, Any] | None = None,
     shard: Shard = ONE_PROCESS,
+    desc: str = "Encoding latents",
 ) -> tuple[list[str | None], CacheStats]:
     """Make sure every job has cached VAE moments; returns one key per job (None if it failed).
 
@@ -186,7 +188,8 @@ def ensure_latents(
     requested from `get_vae` only when something is missing. `load_errors` are the exception types
     a job's loader raises for a bad image. `vae_options` (e.g. tiling) join the VAE identity in the keys.
     With several processes (`shard`), each encodes its share of the missing entries, then all wait for the
-    others; an entry another process could not encode is reported as failed on every process.
+    others; an entry another process could not encode is reported as failed on every process. `desc` labels
+    the progress bar.
     """
     start = time.perf_counter()
     identity = {**spec.vae_identity(fingerprinter), **(vae_options or {})}
@@ -215,7 +218,7 @@ def ensure_latents(
         # Clips are encoded one at a time (bounded memory, progress per clip); stills in batches.
         chunks = [chunk for indices in todo.values() for chunk in _split(indices, 1 if clips else batch_size)]
         show = progress and shard.shows_progress
-        bar = tqdm(total=len(mine), desc="Encoding latents", unit="clip" if clips else "img", disable=not show)
+        bar = tqdm(total=len(mine), desc=desc, unit="clip" if clips else "img", disable=not show)
         with _Pipeline(jobs, load_errors) as pipeline:
             for chunk, (loaded, failures) in zip(chunks, pipeline.loaded(chunks)):
                 for index, reason in failures:

@@ -222,6 +222,21 @@ class CacheSection(Section):
     )
 
 
+class ControlNetSection(Section):
+    layers: int | None = Field(
+        None,
+        description=(
+            'train.method = "controlnet": transformer blocks of the ControlNet, copied from the first blocks of the '
+            "denoiser. Default: the family's (Hunyuan-DiT: num_layers // 2 - 1 as the official ControlNets; SD3: "
+            "half the denoiser's blocks)."
+        ),
+        ge=1,
+    )
+    conditioning_scale: float = Field(
+        1.0, description="Strength of the ControlNet's residuals when validating (training uses 1).", ge=0
+    )
+
+
 class LoraSection(Section):
     rank: int = Field(16, description="LoRA rank r.", ge=1)
     alpha: float | None = Field(None, description="LoRA alpha; scale = alpha / rank. Default: alpha = rank.")
@@ -290,7 +305,14 @@ class LossSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["lora", "full"] = Field("lora", description='"lora" (peft adapter) or "full" fine-tuning.')
+    method: Literal["lora", "full", "controlnet"] = Field(
+        "lora",
+        description=(
+            '"lora" (peft adapter), "full" fine-tuning, or "controlnet": a ControlNet initialised from the denoiser '
+            "(families with one: Hunyuan-DiT, SD3), the denoiser frozen; conditioning images come from same-stem "
+            "`*_control.*` files or a `control` metadata column (see [controlnet])."
+        ),
+    )
     init: Literal["pretrained", "random"] = Field(
         "pretrained",
         description=(
@@ -440,6 +462,10 @@ class ValidationSection(Section):
             "LTX-Video then samples with LTXImageToVideoPipeline."
         ),
     )
+    control_images: list[PathValue] = Field(
+        default_factory=list,
+        description='train.method = "controlnet": one control image per prompt (same order), required there.',
+    )
     steps: int = Field(20, description="Denoising steps.", ge=1)
     guidance: float = Field(5.0, description="Classifier-free guidance scale (≤ 1 disables).", ge=0)
     at_start: bool = Field(True, description="Also sample before training (step 0), for comparison.")
@@ -461,6 +487,7 @@ class DittuneConfig(Section):
     data: DataSection
     train: TrainSection
     lora: LoraSection = Field(default_factory=LoraSection)
+    controlnet: ControlNetSection = Field(default_factory=ControlNetSection)
     loss: LossSection = Field(default_factory=LossSection)
     cache: CacheSection = Field(default_factory=CacheSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
@@ -488,6 +515,13 @@ class DittuneConfig(Section):
             )
         if self.train.init == "random" and self.train.method != "full":
             raise ValueError('train.init: "random" needs train.method = "full" (a LoRA on random weights is useless).')
+        if self.train.method == "controlnet" and len(self.validation.control_images) != len(self.validation.prompts):
+            raise ValueError(
+                f"validation.control_images: {len(self.validation.control_images)} image(s) for "
+                f"{len(self.validation.prompts)} prompt(s); a ControlNet validates with one control image per prompt."
+            )
+        if self.validation.control_images and self.train.method != "controlnet":
+            raise ValueError('validation.control_images: only for train.method = "controlnet"; remove the key.')
         if self.validation.images and len(self.validation.images) != len(self.validation.prompts):
             raise ValueError(
                 f"validation.images: {len(self.validation.images)} image(s) for {len(self.validation.prompts)} "

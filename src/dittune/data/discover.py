@@ -11,6 +11,11 @@ With `video=True` the video suffixes (``.mp4 .webm .mov .mkv .gif`` ...) are cli
 for their size, frame count and timestamps; still images in the same folder become 1-frame clips. With
 `video=False` a video file is listed as skipped (the family trains on images), and a GIF is a still.
 
+With `control=True` (ControlNet training) every sample also needs its conditioning image: the file
+``<stem>_control.<image suffix>`` next to it (``photo.png`` + ``photo_control.png``; any size), or the path
+in a ``control`` column of the metadata (relative to the folder, like ``file_name``; a row without one falls
+back to the sibling file). Files named ``*_control.*`` are then never samples themselves, and clips are refused.
+
 A bad input (unreadable image, missing file, broken metadata line) never raises: it is returned as a
 `Skipped` with a reason for the user. Only problems that make the whole dataset unusable raise `DataError`.
 """
@@ -38,6 +43,10 @@ METADATA_JSONL = "metadata.jsonl"
 METADATA_CSV = "metadata.csv"
 REQUIRED_COLUMNS = ("file_name", "text")
 MISSING_CAPTION_MODES = ("skip", "empty", "error")
+CONTROL_SUFFIX = "_control"
+"""A file stem ending in this is the conditioning image of the same-stem image (ControlNet training)."""
+CONTROL_COLUMN = "control"
+STILLS_ONLY_REASON = "ControlNet training takes still images"
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -57,16 +66,25 @@ class _Candidate:
     rel: str
     caption: str | None
     missing_caption_reason: str
+    control: Path | None = None
+    """The conditioning image found for it (only looked for with `control=True`)."""
+    missing_control_reason: str = ""
 
 
 def discover(
-    root: Path, caption_extension: str = ".txt", missing_caption: str = "skip", video: bool = False
+    root: Path,
+    caption_extension: str = ".txt",
+    missing_caption: str = "skip",
+    video: bool = False,
+    control: bool = False,
 ) -> tuple[list[ImageRecord], list[Skipped]]:
     """Return the usable images under `root` (sorted by relative path) and the skipped inputs.
 
     `missing_caption`: "skip" lists an uncaptioned image as skipped, "empty" keeps it with caption "",
     "error" raises `DataError`. Image sizes are read from the header (EXIF rotation applied); every image
     is also checked to decode, so truncated or corrupt files are skipped here rather than mid-training.
+    `control`: every record also gets its conditioning image (see the module notes), checked the same way;
+    a still without a usable one, and every clip, is skipped with the reason.
     """
     root = Path(root)
     if missing_caption not in MISSING_CAPTION_MODES:
@@ -77,12 +95,15 @@ def discover(
         raise DataError(f"data.path: {root} is not a folder.")
 
     skipped: list[Skipped] = []
+    finder = _ControlFinder() if control else None
     if (root / METADATA_JSONL).is_file():
-        candidates = _from_jsonl(root, root / METADATA_JSONL, skipped)
+        candidates = _from_jsonl(root, root / METADATA_JSONL, skipped, finder)
     elif (root / METADATA_CSV).is_file():
-        candidates = _from_csv(root, root / METADATA_CSV, skipped)
+        candidates = _from_csv(root, root / METADATA_CSV, skipped, finder)
     else:
-        candidates = _from_folder(root, _normalise_extension(caption_extension), skipped, video)
+        candidates = _from_folder(root, _normalise_extension(caption_extension), skipped, video, finder)
+    if control:
+        candidates = _with_controls(candidates, skipped, video)
 
     captioned: list[tuple[_Candidate, str]] = []
     for candidate in sorted(candidates, key=lambda c: c.rel):
@@ -100,11 +121,20 @@ def discover(
 
     records: list[ImageRecord] = []
     checked = _check_media([c.path for c, _ in captioned], video)
+    controls = _check_media([c.control for c, _ in captioned if c.control is not None], False)
+    control_checks = iter(controls)
     for (candidate, caption), found in zip(captioned, checked):
+        control_found = next(control_checks) if candidate.control is not None else None
         if isinstance(found, str):
             skipped.append(Skipped(candidate.path, found))
+        elif isinstance(control_found, str):
+            assert candidate.control is not None
+            skipped.append(Skipped(candidate.path, f"control image {candidate.control.name}: {control_found}"))
         elif isinstance(found, tuple):
-            records.append(ImageRecord(candidate.path, caption, *found))
+            control_size = control_found if isinstance(control_found, tuple) else None
+            records.append(
+                ImageRecord(candidate.path, caption, *found, control=candidate.control, control_size=control_size)
+            )
         else:
             records.append(
                 ImageRecord(
@@ -194,14 +224,22 @@ def _is_hidden(rel_parts: tuple[str, ...]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
-def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped], video: bool) -> list[_Candidate]:
+def _from_folder(
+    root: Path, caption_extension: str, skipped: list[Skipped], video: bool, finder: _ControlFinder | None
+) -> list[_Candidate]:
     candidates: list[_Candidate] = []
     suffixes = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+    stems: set[tuple[Path, str]] = set()
+    controls: list[Path] = []
     for path in sorted(root.rglob("*")):
         rel_path = path.relative_to(root)
         suffix = path.suffix.lower()
         if _is_hidden(rel_path.parts) or suffix not in suffixes or not path.is_file():
             continue
+        if finder is not None and suffix in IMAGE_EXTENSIONS and _is_control_name(path):
+            controls.append(path)  # a conditioning image, never a sample
+            continue
+        stems.add((path.parent, path.stem))
         if suffix not in IMAGE_EXTENSIONS and not video:
             skipped.append(Skipped(path, "a video file; this model family trains on still images"))
             continue
@@ -217,7 +255,12 @@ def _from_folder(root: Path, caption_extension: str, skipped: list[Skipped], vid
             except OSError as error:
                 skipped.append(Skipped(path, f"cannot read caption file {caption_path.name} ({error})"))
                 continue
-        candidates.append(_Candidate(path, rel_path.as_posix(), caption, reason))
+        control, missing_control = _sibling_control(path, finder, "") if finder is not None else (None, "")
+        candidates.append(_Candidate(path, rel_path.as_posix(), caption, reason, control, missing_control))
+    for path in controls:
+        base = path.stem[: -len(CONTROL_SUFFIX)]
+        if (path.parent, base) not in stems:
+            skipped.append(Skipped(path, f"a control image without its image ({base}.<suffix> next to it)"))
     return candidates
 
 
@@ -235,7 +278,7 @@ def _not_utf8_reason(caption_path: Path) -> str:
     )
 
 
-def _from_jsonl(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candidate]:
+def _from_jsonl(root: Path, metadata: Path, skipped: list[Skipped], finder: _ControlFinder | None) -> list[_Candidate]:
     rows: list[tuple[int, dict[str, object]]] = []
     seen_columns: set[str] = set()
     for line_number, line in _numbered_lines(metadata):
@@ -253,10 +296,10 @@ def _from_jsonl(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Can
         rows.append((line_number, row))
     if rows:
         _require_columns(metadata, seen_columns)
-    return _rows_to_candidates(root, metadata, rows, skipped)
+    return _rows_to_candidates(root, metadata, rows, skipped, finder)
 
 
-def _from_csv(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candidate]:
+def _from_csv(root: Path, metadata: Path, skipped: list[Skipped], finder: _ControlFinder | None) -> list[_Candidate]:
     try:
         with open(metadata, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -267,7 +310,7 @@ def _from_csv(root: Path, metadata: Path, skipped: list[Skipped]) -> list[_Candi
         raise DataError(f"{metadata}: not UTF-8 text ({error}).") from error
     except csv.Error as error:
         raise DataError(f"{metadata}: malformed CSV ({error}).") from error
-    return _rows_to_candidates(root, metadata, rows, skipped)
+    return _rows_to_candidates(root, metadata, rows, skipped, finder)
 
 
 def _numbered_lines(metadata: Path) -> Iterator[tuple[int, str]]:
@@ -289,7 +332,11 @@ def _require_columns(metadata: Path, columns: set[str]) -> None:
 
 
 def _rows_to_candidates(
-    root: Path, metadata: Path, rows: list[tuple[int, dict[str, object]]], skipped: list[Skipped]
+    root: Path,
+    metadata: Path,
+    rows: list[tuple[int, dict[str, object]]],
+    skipped: list[Skipped],
+    finder: _ControlFinder | None = None,
 ) -> list[_Candidate]:
     candidates: list[_Candidate] = []
     first_line_by_rel: dict[str, int] = {}
@@ -299,9 +346,9 @@ def _rows_to_candidates(
         if not isinstance(file_name, str) or not file_name.strip():
             skipped.append(Skipped(metadata, f"{where}: no file_name"))
             continue
-        rel = posixpath.normpath(file_name.strip().replace("\\", "/"))
+        rel = _relative(file_name)
         path = root / rel
-        if PurePosixPath(rel).is_absolute() or rel == ".." or rel.startswith("../"):
+        if not _inside(rel):
             skipped.append(Skipped(path, f"listed in {where} but not inside the data folder"))
             continue
         if rel in first_line_by_rel:
@@ -316,8 +363,91 @@ def _rows_to_candidates(
             skipped.append(Skipped(path, f"{where}: text is not a string"))
             continue
         caption = text.strip() if isinstance(text, str) else None
-        candidates.append(_Candidate(path, rel, caption, f"no text in {where}"))
+        control, missing_control = _row_control(root, path, row, where, finder) if finder else (None, "")
+        candidates.append(_Candidate(path, rel, caption, f"no text in {where}", control, missing_control))
     return candidates
+
+
+def _relative(file_name: str) -> str:
+    """A metadata path as a normalised POSIX path (backslashes read as separators)."""
+    return posixpath.normpath(file_name.strip().replace("\\", "/"))
+
+
+def _inside(rel: str) -> bool:
+    return not (PurePosixPath(rel).is_absolute() or rel == ".." or rel.startswith("../"))
+
+
+def _is_control_name(path: Path) -> bool:
+    return path.stem.endswith(CONTROL_SUFFIX)
+
+
+class _ControlFinder:
+    """Finds ``<stem>_control.<image suffix>`` files next to an image, listing each folder once."""
+
+    def __init__(self) -> None:
+        self._by_folder: dict[Path, dict[str, list[Path]]] = {}
+
+    def siblings(self, path: Path) -> list[Path]:
+        found = self._by_folder.get(path.parent)
+        if found is None:
+            found = {}
+            try:
+                entries = sorted(path.parent.iterdir())
+            except OSError:
+                entries = []
+            for entry in entries:
+                if entry.suffix.lower() in IMAGE_EXTENSIONS and _is_control_name(entry) and entry.is_file():
+                    found.setdefault(entry.stem[: -len(CONTROL_SUFFIX)], []).append(entry)
+            self._by_folder[path.parent] = found
+        return found.get(path.stem, [])
+
+
+def _sibling_control(path: Path, finder: _ControlFinder, where: str) -> tuple[Path | None, str]:
+    """(the control image next to `path`, "") or (None, why there is none); `where`: the metadata line, if any."""
+    found = finder.siblings(path)
+    if len(found) == 1:
+        return found[0], ""
+    if found:
+        return None, f"several control images ({', '.join(p.name for p in found)}); keep one"
+    looked = f"{path.stem}{CONTROL_SUFFIX}.<image suffix> next to it"
+    if where:
+        return None, f"no control image: no {CONTROL_COLUMN!r} value in {where}, and no {looked}"
+    return None, f"no control image {looked}"
+
+
+def _row_control(
+    root: Path, path: Path, row: dict[str, object], where: str, finder: _ControlFinder
+) -> tuple[Path | None, str]:
+    """The control image a metadata row names (relative to `root`), else the sibling file of its image."""
+    value = row.get(CONTROL_COLUMN)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return _sibling_control(path, finder, where)
+    if not isinstance(value, str):
+        return None, f"{where}: {CONTROL_COLUMN} is not a string"
+    rel = _relative(value)
+    if not _inside(rel):
+        return None, f"control image {value} in {where} is not inside the data folder"
+    control = root / rel
+    if not control.is_file():
+        return None, f"control image {rel} listed in {where} is missing"
+    return control, ""
+
+
+def _with_controls(candidates: list[_Candidate], skipped: list[Skipped], video: bool) -> list[_Candidate]:
+    """The candidates that can train a ControlNet: stills that have a control image (the others are skipped)."""
+    kept: list[_Candidate] = []
+    for candidate in candidates:
+        if is_clip(candidate.path, video):
+            skipped.append(Skipped(candidate.path, STILLS_ONLY_REASON))
+        elif _is_control_name(candidate.path):
+            skipped.append(
+                Skipped(candidate.path, f"named like a control image (*{CONTROL_SUFFIX}.*), so not a training sample")
+            )
+        elif candidate.control is None:
+            skipped.append(Skipped(candidate.path, candidate.missing_control_reason))
+        else:
+            kept.append(candidate)
+    return kept
 
 
 def _nothing_usable_message(root: Path, skipped: list[Skipped], video: bool) -> str:

@@ -18,6 +18,8 @@ SHORT_CLIP_MODES = ("skip", "shorten")
 MAX_SKIPPED_LISTED = 50
 MAX_NOTES_LISTED = 20
 _FAILED_DECODE_REASON = "failed to decode"
+_CONTROL_ASPECT_TOLERANCE = 0.01
+"""A control image whose aspect ratio differs from its image's by more than this fraction gets a note."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ def plan_dataset(
             placement = replace(placement, frame_indices=indices, fps=rate)
             if note:
                 notes.append(f"{key}: {note}")
+        if record.control_size is not None:
+            notes += _control_aspect_note(record, key)
         samples.append(PlannedSample(record, placement, key))
     samples.sort(key=lambda sample: sample.key)
     duplicates = sorted(key for key, count in Counter(sample.key for sample in samples).items() if count > 1)
@@ -129,6 +133,15 @@ def _frame_notes(clips: ClipOptions) -> list[str]:
     if clips.rule.is_video and clips.target != clips.frames:
         return [f"data.frames = {clips.frames} snapped down to {clips.target} (this family takes {clips.rule} frames)."]
     return []
+
+
+def _control_aspect_note(record: ImageRecord, key: str) -> list[str]:
+    """A note when the control image's shape differs from its image's: it is stretched to the image's placement."""
+    assert record.control_size is not None
+    width, height = record.control_size
+    if abs(width * record.height / (height * record.width) - 1) <= _CONTROL_ASPECT_TOLERANCE:
+        return []
+    return [f"{key}: control image {width}×{height} stretched to the image's aspect ({record.width}×{record.height})"]
 
 
 def _choose_frames(record: ImageRecord, clips: ClipOptions) -> tuple[tuple[int, ...], float, str] | str:
@@ -269,6 +282,11 @@ def format_bucket_report(
         f"{steps} optimizer step{'s' if steps != 1 else ''}."
     )
     lines.append(_batch_fit_line(small_buckets, batch_size, drop, total_dropped))
+    controls = sum(sample.record.control is not None for sample in plan.samples)
+    if controls:
+        distinct = len({sample.record.control for sample in plan.samples if sample.record.control is not None})
+        shared = f" ({distinct} distinct files)" if distinct != controls else ""
+        lines.append(f"Control images: {controls}{shared}, each resized, cropped and flipped exactly like its image.")
     lines += _skipped_lines(plan.skipped)
     lines += _note_lines(plan.notes)
     return "\n".join(lines)

@@ -12,7 +12,8 @@ Bucket = tuple[int, int, int]
 @dataclass(frozen=True)
 class ImageRecord:
     """One discovered image or video with its caption, pixel size (from the header) and, for a video, its
-    decodable frame count and average frame rate. A still image has `frames == 1` and `fps is None`."""
+    decodable frame count and average frame rate. A still image has `frames == 1` and `fps is None`. For
+    ControlNet training, a still also has its conditioning image (`control`)."""
 
     path: Path
     caption: str
@@ -24,6 +25,10 @@ class ImageRecord:
     """The clip's frame intervals vary (its frames are chosen by timestamp, like any clip's)."""
     timestamps: tuple[float, ...] = ()
     """Seconds at which each frame is shown, in presentation order (clips only)."""
+    control: Path | None = None
+    """The conditioning image of the sample (ControlNet training), placed exactly like the image itself."""
+    control_size: tuple[int, int] | None = None
+    """Displayed (width, height) of `control` (EXIF rotation applied), from its header."""
 
     @property
     def is_video(self) -> bool:

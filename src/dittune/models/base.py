@@ -49,6 +49,8 @@ class TrainBatch:
     moments: dict[str, torch.Tensor]
     text: dict[str, torch.Tensor]
     meta: list[SampleMeta]
+    control: dict[str, torch.Tensor] | None = None
+    """ControlNet training: the cached moments of each sample's control image (same layout as `moments`)."""
 
     @property
     def size(self) -> int:
@@ -342,7 +344,32 @@ class ModelSpec(FamilyFacts, ABC):
         """Pipeline components of the experts this run does not train (frozen in validation's pipeline)."""
         return [c for c in self.experts_at(self.path).values() if c != self.denoiser_component]
 
-    def build_pipeline(self, denoiser: nn.Module, vae: nn.Module, scheduler: Any, conditioned: bool = False) -> Any:
+    def build_controlnet(self, denoiser: nn.Module, layers: int | None) -> tuple[nn.Module, list[nn.Parameter]]:
+        """A `controlnet_class` initialised from the (frozen) denoiser as the family's official trainer does, and
+        the parameters that train; `layers` (`controlnet.layers`) its blocks, None for the family's default."""
+        raise ValueError(
+            f'{self.display_name} has no ControlNet in dittune; train.method = "controlnet" needs a family '
+            "with one (Hunyuan-DiT, SD3)"
+        )
+
+    def build_control_pipeline(self, denoiser: nn.Module, controlnet: nn.Module, vae: nn.Module, scheduler: Any) -> Any:
+        """`controlnet_pipeline_class` around a live denoiser and ControlNet (validation of ControlNet runs)."""
+        if self.controlnet_pipeline_class is None:
+            raise ValueError(f"{self.display_name} has no ControlNet pipeline")
+        return self.build_pipeline(
+            denoiser, vae, scheduler, pipeline_class=self.controlnet_pipeline_class, extra={"controlnet": controlnet}
+        )
+
+    def build_pipeline(
+        self,
+        denoiser: nn.Module,
+        vae: nn.Module,
+        scheduler: Any,
+        conditioned: bool = False,
+        *,
+        pipeline_class: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Any:
         """The stock pipeline around a live denoiser; every other required component (text encoders,
         tokenizers, safety checker) is None, as validation feeds cached embeddings. The experts not trained
         (`frozen_experts`) are loaded frozen from the folder in the VAE's dtype, on the CPU (see
@@ -351,7 +378,7 @@ class ModelSpec(FamilyFacts, ABC):
 
         import diffusers
 
-        cls = getattr(diffusers, self.sampling_pipeline_class(conditioned))
+        cls = getattr(diffusers, pipeline_class or self.sampling_pipeline_class(conditioned))
         experts = {name: self._frozen_expert(name, next(vae.parameters()).dtype) for name in self.frozen_experts}
         given = {
             self.denoiser_component: denoiser,
@@ -359,6 +386,7 @@ class ModelSpec(FamilyFacts, ABC):
             "scheduler": scheduler,
             **experts,
             **self.pipeline_init_extras,
+            **(extra or {}),
         }
         params = inspect.signature(cls.__init__).parameters
         absent = {

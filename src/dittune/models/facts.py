@@ -106,6 +106,15 @@ class FamilyFacts:
     pipeline_class: ClassVar[str]
     """The family's stock diffusers pipeline class name (as in model_index.json)."""
 
+    controlnet_class: ClassVar[str | None] = None
+    """The diffusers ControlNet class `train.method = "controlnet"` trains (None: the family has none)."""
+
+    controlnet_pipeline_class: ClassVar[str | None] = None
+    """The stock pipeline that samples the denoiser with that ControlNet (validation)."""
+
+    control_argument: ClassVar[str] = "controlnet_block_samples"
+    """The denoiser's forward argument taking the ControlNet's residuals."""
+
     layout_module: ClassVar[str | None] = None
     """The module declaring the family's original checkpoint layout (`LAYOUT`, a `dittune.models.layout.Layout`, or
     None) and its foreign LoRA formats (`LORA_FORMATS`: format name → `LoraFormat`); None: diffusers names only."""

@@ -20,7 +20,8 @@ def dropout_by_encoder(default: float, per_encoder: Mapping[str, float], slots: 
 
 
 class CachedBatches:
-    """Collates `(sample index, flipped)` items of one bucket into a `TrainBatch` on `device`."""
+    """Collates `(sample index, flipped)` items of one bucket into a `TrainBatch` on `device` (with the control
+    images' moments when `prepared` has control keys)."""
 
     def __init__(
         self,
@@ -49,11 +50,15 @@ class CachedBatches:
         samples = self.prepared.plan.samples
         uniform = as_draws(draws).rand((len(items), len(self.slots)), device="cpu").tolist()
         moments: list[dict[str, torch.Tensor]] = []
+        controls: list[dict[str, torch.Tensor]] = []
+        control_keys = self.prepared.control_keys
         texts: list[dict[str, torch.Tensor]] = []
         meta: list[SampleMeta] = []
         for (index, flipped), numbers in zip(items, uniform):
             sample = samples[index]
             moments.append(self.load(LATENT, self.prepared.latent_keys[(sample.key, flipped)]))
+            if control_keys:
+                controls.append(self.load(LATENT, control_keys[(sample.key, flipped)]))
             text = dict(self.load(TEXT, self.prepared.text_keys[sample.record.caption]))
             for slot, number in zip(self.slots, numbers):
                 if number < self.dropout[slot.name]:
@@ -70,7 +75,8 @@ class CachedBatches:
                     fps=placement.fps,
                 )
             )
-        return TrainBatch(moments=self._stack(moments), text=self._stack(texts), meta=meta)
+        control = self._stack(controls) if controls else None
+        return TrainBatch(moments=self._stack(moments), text=self._stack(texts), meta=meta, control=control)
 
     def _stack(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stacked on the CPU, then moved; to CUDA through pinned memory, so the copy does not wait for the GPU."""

@@ -17,6 +17,29 @@ from dittune.train.optim import optimizer_arg_problems, optimizer_problems
 Problem = tuple[str, str]
 
 
+def _controlnet_problems(cfg: DittuneConfig) -> list[Problem]:
+    """`train.method = "controlnet"`: a family with a ControlNet, control images that exist, options that fit."""
+    if cfg.train.method != "controlnet":
+        return []
+    problems: list[Problem] = [
+        (f"validation.control_images[{index}]", f"{image} does not exist.")
+        for index, image in enumerate(cfg.validation.control_images)
+        if not image.is_file()
+    ]
+    if cfg.model.family in family_names() and facts_class(cfg.model.family).controlnet_class is None:
+        have = ", ".join(f for f in family_names() if facts_class(f).controlnet_class)
+        problems.append(
+            ("train.method", f"{cfg.model.family} has no ControlNet in dittune (families with one: {have}).")
+        )
+    for key, value in (
+        ("model.base_storage", cfg.model.base_storage != "default"),
+        ("train.blocks_to_swap", cfg.train.blocks_to_swap),
+    ):
+        if value:
+            problems.append((key, "applies to LoRA runs only; a ControlNet run keeps the denoiser frozen as it is."))
+    return problems
+
+
 def _checkpoint_problems(cfg: DittuneConfig, spec_cls: type) -> list[Problem]:
     """A single-file model.path: the file exists, and a folder with the other components is named."""
     checkpoint = cfg.model.checkpoint
@@ -142,6 +165,7 @@ def _generic_checks(cfg: DittuneConfig) -> list[Problem]:
             )
         )
     problems += optimizer_problems(cfg.train)
+    problems += _controlnet_problems(cfg)
     if cfg.model.base_storage != "default" and cfg.train.method == "full":
         problems.append(
             (

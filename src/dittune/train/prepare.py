@@ -23,7 +23,14 @@ from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap, square_bucket
 from dittune.data.discover import discover
-from dittune.data.report import ClipOptions, DatasetPlan, format_bucket_report, plan_dataset, remove_samples
+from dittune.data.report import (
+    ClipOptions,
+    DatasetPlan,
+    PlannedSample,
+    format_bucket_report,
+    plan_dataset,
+    remove_samples,
+)
 from dittune.data.transforms import RESIZE_METHOD, ImageLoadError
 from dittune.data.types import Placement
 from dittune.data.video import DECODE_METHOD, load_sample
@@ -44,6 +51,14 @@ class PreparedData:
     """prompt → text cache key (captions, the empty prompt, validation prompts and negative prompt)."""
     report: str
     stats: dict[str, CacheStats] = field(default_factory=dict)
+    """"latents" and "text"; "control" too when training a ControlNet."""
+    control_keys: dict[tuple[str, bool], str] = field(default_factory=dict)
+    """(sample key, flipped) → latent cache key of the sample's control image; empty unless training a ControlNet."""
+
+
+def trains_controlnet(cfg: DittuneConfig) -> bool:
+    """Whether samples come with control images (train.method = "controlnet")."""
+    return cfg.train.method == "controlnet"
 
 
 def validation_size(cfg: DittuneConfig, alignment: int, fixed_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -77,7 +92,8 @@ def validation_fps(cfg: DittuneConfig, spec: ModelSpec, plan: DatasetPlan | None
 
 
 def latent_geometry(placement: Placement, flip: bool) -> dict:
-    """What decides a sample's pixels, for its cache key (a still's has no frame entries, as before clips)."""
+    """What decides a sample's pixels, for its cache key (a still's has no frame entries, as before clips).
+    A control image's key takes its target's geometry (see `control_geometry`)."""
     geometry = {
         "bucket": list(placement.bucket),
         "resized": list(placement.resized),
@@ -90,11 +106,22 @@ def latent_geometry(placement: Placement, flip: bool) -> dict:
     return geometry
 
 
+def control_geometry(placement: Placement, flip: bool) -> dict:
+    """The geometry of a sample's control image: exactly its target's, marked as a control."""
+    return {**latent_geometry(placement, flip), "role": "control"}
+
+
 def plan_data(cfg: DittuneConfig, spec: ModelSpec, processes: int = 1) -> DatasetPlan:
     """Discover and plan the dataset; batches are global (`train.batch_size` × `processes`)."""
     data = cfg.data
     clips = clip_options(cfg, spec)
-    records, skipped = discover(data.path, data.caption_extension, data.missing_caption, video=clips.rule.is_video)
+    records, skipped = discover(
+        data.path,
+        data.caption_extension,
+        data.missing_caption,
+        video=clips.rule.is_video,
+        control=trains_controlnet(cfg),
+    )
     return plan_dataset(
         records,
         data.path,
@@ -138,24 +165,10 @@ def prepare_data(
     store = CacheStore(cfg.cache_dir)
     fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
     flips = (False, True) if cfg.data.random_flip else (False,)
-    job_ids: list[tuple[str, bool]] = []
-    jobs: list[LatentJob] = []
-    for sample in plan.samples:
-        for flip in flips:
-            placement = sample.placement
-            job_ids.append((sample.key, flip))
-            jobs.append(
-                LatentJob(
-                    sample.record.path,
-                    latent_geometry(placement, flip),
-                    placement.shape,
-                    partial(load_sample, sample.record.path, placement, flip),
-                )
-            )
-    keys, latent_stats = ensure_latents(
+    encode = partial(
+        ensure_latents,
         spec,
         store,
-        jobs,
         get_vae=get_vae,
         fingerprinter=fingerprinter,
         source_mode=cfg.cache.source_fingerprint,
@@ -167,15 +180,24 @@ def prepare_data(
         vae_options={"tiling": True} if cfg.cache.vae_tiling else None,
         shard=shard,
     )
-    failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
-    if failed_keys:
-        reason_by_path = dict(latent_stats.failed)
-        reasons = {s.key: reason_by_path[s.record.path] for s in plan.samples if s.record.path in reason_by_path}
-        plan = remove_samples(plan, failed_keys, reasons)
-        announce(f"{len(failed_keys)} file(s) failed to decode and were left out:")
-        for path, reason in latent_stats.failed:
-            announce(f"  {path}: {reason}")
+    job_ids = [(sample.key, flip) for sample in plan.samples for flip in flips]
+    by_key = {sample.key: sample for sample in plan.samples}
+    keys, latent_stats = encode([_target_job(by_key[key], flip) for key, flip in job_ids])
     latent_keys = {job_id: key for job_id, key in zip(job_ids, keys) if key is not None}
+    plan = _leave_out_failed(plan, job_ids, keys, latent_stats, announce, "file(s) failed to decode")
+    stats = {"latents": latent_stats}
+    control_keys: dict[tuple[str, bool], str] = {}
+    if trains_controlnet(cfg):
+        job_ids = [(sample.key, flip) for sample in plan.samples for flip in flips]
+        keys, stats["control"] = encode(
+            [_control_job(by_key[key], flip) for key, flip in job_ids], desc="Encoding control images"
+        )
+        control_keys = {job_id: key for job_id, key in zip(job_ids, keys) if key is not None}
+        reason = "sample(s) whose control image failed to decode"
+        plan = _leave_out_failed(plan, job_ids, keys, stats["control"], announce, reason, control=True)
+        kept = {sample.key for sample in plan.samples}
+        latent_keys = {job_id: key for job_id, key in latent_keys.items() if job_id[0] in kept}
+        control_keys = {job_id: key for job_id, key in control_keys.items() if job_id[0] in kept}
     captions = [s.record.caption for s in plan.samples]
     prompts = [*captions, EMPTY_PROMPT, *cfg.validation.prompts, cfg.validation.negative_prompt]
     text_keys, text_stats = ensure_text_embeddings(
@@ -197,8 +219,52 @@ def prepare_data(
         latent_keys=latent_keys,
         text_keys=text_keys,
         report=bucket_report(cfg, plan, shard.world),
-        stats={"latents": latent_stats, "text": text_stats},
+        stats={**stats, "text": text_stats},
+        control_keys=control_keys,
     )
+
+
+def _target_job(sample: PlannedSample, flip: bool) -> LatentJob:
+    placement, path = sample.placement, sample.record.path
+    return LatentJob(
+        path, latent_geometry(placement, flip), placement.shape, partial(load_sample, path, placement, flip)
+    )
+
+
+def _control_job(sample: PlannedSample, flip: bool) -> LatentJob:
+    """The sample's control image, placed with its target's bucket, resize, crop and flip (a still: 1 frame)."""
+    placement, path = sample.placement, sample.record.control
+    if path is None:
+        raise ValueError(f"{sample.key} has no control image (discover it with control=True)")
+    geometry = control_geometry(placement, flip)
+    return LatentJob(path, geometry, placement.shape, partial(load_sample, path, placement, flip))
+
+
+def _leave_out_failed(
+    plan: DatasetPlan,
+    job_ids: list[tuple[str, bool]],
+    keys: list[str | None],
+    stats: CacheStats,
+    announce: Callable[[str], None],
+    what: str,
+    control: bool = False,
+) -> DatasetPlan:
+    """The plan without the samples whose job failed, listed as skipped with the reason (and announced)."""
+    failed_keys = {job_id[0] for job_id, key in zip(job_ids, keys) if key is None}
+    if not failed_keys:
+        return plan
+    reason_by_path = dict(stats.failed)
+    reasons: dict[str, str] = {}
+    for sample in plan.samples:
+        path = sample.record.control if control else sample.record.path
+        if path in reason_by_path:
+            reason = reason_by_path[path]
+            reasons[sample.key] = f"control image {path.name}: {reason}" if control else reason
+    plan = remove_samples(plan, failed_keys, reasons)
+    announce(f"{len(failed_keys)} {what} and were left out:")
+    for path, reason in stats.failed:
+        announce(f"  {path}: {reason}")
+    return plan
 
 
 def fill_caches(

@@ -165,6 +165,8 @@ def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
     if shard.rank:
         return prepared
     print(prepared.stats["latents"].line("latents"))
+    if "control" in prepared.stats:
+        print(prepared.stats["control"].line("control images"))
     print(prepared.stats["text"].line("text"))
     print(f"cache: {cfg.cache_dir}")
     return prepared

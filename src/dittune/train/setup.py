@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from dittune.cache.build import DTYPES, Shard
 from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.sampler import BucketBatchSampler
 from dittune.models.base import LossSettings, ModelInfo, ModelSpec
-from dittune.models.lora import inject_lora, is_lora_key, lora_module_state, lora_parameters, lora_state_dict
 from dittune.models.registry import spec_class
 from dittune.precision import Precision, device_precision
+from dittune.train.methods import LoraMethod, TrainingMethod, method_for
 from dittune.train.metrics import PhaseMemory
 from dittune.train.optim import build_lr_scheduler, build_optimizer
 from dittune.train.prepare import PreparedData, fill_caches
-from dittune.train.sharding import (
-    accelerate_fsdp_options,
-    configure_deepspeed,
-    gather_state,
-    load_full_state,
-    shard_denoiser,
-)
+from dittune.train.sharding import accelerate_fsdp_options, configure_deepspeed, shard_denoiser
 
 log = logging.getLogger(__name__)
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def launched_on_cpu() -> bool:
@@ -126,6 +117,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
     memory: PhaseMemory | None = None
     """Peak memory per phase, from caching on (metrics.jsonl's `memory_*_mb`)."""
+    method: TrainingMethod = field(default_factory=LoraMethod)
+    """What trains, and how it is checkpointed, validated and exported (`train.method`)."""
 
 
 def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> Any:
@@ -162,37 +155,10 @@ def load_spec(cfg: DittuneConfig) -> tuple[ModelSpec, ModelInfo]:
 def load_trained_denoiser(
     cfg: DittuneConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, quantise: bool = True
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The denoiser to train and its trainable parameters: full (fp32, every parameter trainable) or LoRA (the
-    frozen base in `dtype` with `model.base_storage` applied after the injection, the adapter in fp32).
-    `quantise=False` leaves nf4/int8 storage out (for fake weights, which cannot be quantised)."""
-    if cfg.train.method == "full":
-        denoiser = spec.load_denoiser(torch.float32, random_init=cfg.train.init == "random")
-        denoiser.requires_grad_(True)
-        return denoiser, [p for p in denoiser.parameters() if p.requires_grad]
-    denoiser = spec.load_denoiser(dtype)
-    denoiser.requires_grad_(False)
-    inject_lora(
-        denoiser,
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
-        targets=cfg.lora.targets or list(spec.default_lora_targets),
-        dropout=cfg.lora.dropout,
-    )
-    trainable = lora_parameters(denoiser)
-    for param in trainable:
-        param.data = param.data.float()
-        param.requires_grad_(True)
-    if quantise or cfg.model.base_storage not in ("nf4", "int8"):
-        from dittune.models.storage import apply_base_storage  # after injection: LoRA weights stay fp32
-
-        apply_base_storage(
-            denoiser,
-            cfg.model.base_storage,
-            compute_dtype=dtype,
-            spec_patterns=spec.storage_skip_patterns,
-            device=device,
-        )
-    return denoiser, trainable
+    """The model to train and its trainable parameters, as `train.method` builds them (see `train.methods`):
+    frozen weights in `dtype`, trainable ones in fp32. `quantise=False` leaves nf4/int8 storage out (for fake
+    weights, which cannot be quantised)."""
+    return method_for(cfg).load(cfg, spec, dtype, device, quantise)
 
 
 def build_run(
@@ -225,19 +191,21 @@ def build_run(
     memory.end("caching")
 
     torch.manual_seed(cfg.train.seed)
-    denoiser, trainable = load_trained_denoiser(cfg, spec, DTYPES[dtype_name], device)
+    method = method_for(cfg)
+    denoiser, trainable = method.load(cfg, spec, DTYPES[dtype_name], device)
+    core = method.trained_core(denoiser)
     checkpointed_blocks = 0
     if cfg.train.gradient_checkpointing:
-        checkpointed_blocks = spec.enable_partial_checkpointing(denoiser, cfg.train.gradient_checkpointing_ratio)
+        checkpointed_blocks = spec.enable_partial_checkpointing(core, cfg.train.gradient_checkpointing_ratio)
     compiled_blocks = 0
     if cfg.train.compile:
         from dittune.models.compile import compile_blocks
 
-        compiled_blocks = compile_blocks(spec, denoiser)
+        compiled_blocks = compile_blocks(spec, core)
     if cfg.train.blocks_to_swap:  # after checkpointing and compile; `.to(device)` then leaves the swapped weights
         from dittune.models.block_offload import offload_blocks  # a sharded engine is refused in `run_train`
 
-        offload_blocks(spec, denoiser, cfg.train.blocks_to_swap, device=device)
+        offload_blocks(spec, core, cfg.train.blocks_to_swap, device=device)
     denoiser.to(device).train()
     fsdp = accelerate_fsdp_options(accelerator)
     if fsdp is not None:  # FSDP2 by the spec's blocks; accelerate then takes the sharded model as it is
@@ -264,8 +232,7 @@ def build_run(
     # batch) — see dittune.models.draws — so there are no per-process generators to keep.
     for obj in (lr_scheduler, sampler):  # the same on every process: saved once (by the main process)
         accelerator.register_for_checkpointing(obj)
-    if cfg.train.method == "lora":
-        _register_adapter_hooks(accelerator)
+    method.register_checkpoint_hooks(accelerator)
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -286,25 +253,5 @@ def build_run(
         compiled_blocks=compiled_blocks,
         checkpointed_blocks=checkpointed_blocks,
         memory=memory,
+        method=method,
     )
-
-
-def _register_adapter_hooks(accelerator: Any) -> None:
-    """Checkpoints of LoRA runs hold only the adapter, not the frozen base weights."""
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for model in models:  # on every process: gathering a sharded adapter is a collective
-            full = gather_state(model, accelerator, keep=is_lora_key)
-            if accelerator.is_main_process:
-                adapter = lora_state_dict(accelerator.unwrap_model(model), state=full)
-                save_file(adapter, str(Path(output_dir) / ADAPTER_FILE))
-        weights.clear()
-
-    def load_hook(models: list, input_dir: str) -> None:
-        state = load_file(str(Path(input_dir) / ADAPTER_FILE))
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            load_full_state(model, lora_module_state(model, state))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

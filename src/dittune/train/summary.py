@@ -85,6 +85,7 @@ def startup_summary(run: Run, resumed_from: str | None, start_step: int) -> str:
         *(f"           {k}: {v}" for k, v in info.summary.items()),
         f"Data       {_samples(plan)} in {len(plan.buckets)} bucket(s), {len(plan.skipped)} skipped  ({cfg.data.path})",
         f"Cache      {stats['latents'].line('latents')}",
+        *([f"           {stats['control'].line('control images')}"] if "control" in stats else []),
         f"           {stats['text'].line('text')}   ({cfg.cache_dir})",
         f"Training   {cfg.train.method}"
         + (f" r={cfg.lora.rank} alpha={cfg.lora.alpha or cfg.lora.rank:g}" if cfg.train.method == "lora" else "")

@@ -14,12 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dittune.cache.build import TEXT
-from dittune.export.full import save_full_pipeline
-from dittune.export.lora_file import LoraInfo, save_lora
 from dittune.export.model_card import derive_trigger_words, write_model_card
+from dittune.media import load_image
 from dittune.models.base import TextEmbedding
 from dittune.models.draws import SampleDraws
-from dittune.models.lora import is_lora_key, lora_state_dict
 from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
 from dittune.train.metrics import MetricsLog, PhaseMemory
@@ -114,7 +112,7 @@ class Trainer:
             # micro-batch only, and `backward` divides the loss by the number of micro-batches.
             with run.accelerator.accumulate(run.denoiser):
                 with run.accelerator.autocast():
-                    out = run.spec.compute_loss(run.denoiser, run.scheduler, batch, draws, run.loss)
+                    out = run.method.loss(run, batch, draws)
                 run.accelerator.backward(out.loss)
             total += out.loss.detach() / accumulation
             for key, value in out.logs.items():
@@ -202,7 +200,7 @@ class Trainer:
         denoiser = run.accelerator.unwrap_model(run.denoiser)
         if self._pipeline is None:
             conditioned = bool(cfg.validation.images)
-            self._pipeline = run.spec.build_pipeline(denoiser, run.vae, run.spec.load_scheduler(), conditioned)
+            self._pipeline = run.method.validation_pipeline(run.spec, denoiser, run.vae, conditioned)
         if self._validation_text is None:
             keys = run.prepared.text_keys
             self._validation_text = (
@@ -223,6 +221,7 @@ class Trainer:
             frames=validation_frames(cfg, run.spec),
             fps=validation_fps(cfg, run.spec, run.prepared.plan),
             images=[load_image(path) for path in cfg.validation.images] or None,
+            extra=[run.method.validation_kwargs(cfg, index) for index in range(len(cfg.validation.prompts))],
         )
         parked = [run.vae, *run.spec.offloaded_parts(self._pipeline)]  # frozen parts wait on the CPU
         for part in parked:
@@ -272,30 +271,12 @@ class Trainer:
         run.accelerator.wait_for_everyone()
         sharded = is_sharded(run.denoiser)
         state = None
-        if sharded or cfg.train.method == "lora":  # on every process: gathering shards is a collective
-            state = gather_state(run.denoiser, run.accelerator, None if cfg.train.method == "full" else is_lora_key)
+        if sharded or run.method.gathered_keys is not None:  # on every process: gathering shards is a collective
+            state = gather_state(run.denoiser, run.accelerator, run.method.gathered_keys)
         if not run.accelerator.is_main_process:
             return final
-        denoiser = run.accelerator.unwrap_model(run.denoiser)
-        if cfg.train.method == "full":
-            if sharded:  # an unsharded copy on the CPU holds the gathered weights for saving
-                denoiser = run.spec.load_denoiser(torch.float32, random_init=True)
-                denoiser.load_state_dict(state)
-            save_full_pipeline(run.spec.path, run.spec.denoiser_component, denoiser, final)
-        else:
-            final.mkdir(parents=True, exist_ok=True)
-            info = LoraInfo(
-                family=run.spec.family,
-                component=run.spec.denoiser_component,
-                key_prefix=run.spec.lora_key_prefix,
-                rank=cfg.lora.rank,
-                alpha=cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
-                targets=list(cfg.lora.targets or run.spec.default_lora_targets),
-                base_model=str(run.spec.path),
-                version=run.info.version,
-                extra={"steps": self.step, "config": json.loads(cfg.model_dump_json())},
-            )
-            save_lora(final / "lora.safetensors", lora_state_dict(denoiser, state=state), info)
+        model = run.accelerator.unwrap_model(run.denoiser)
+        run.method.export(run, model, state, final, self.step)
         self.write_model_card(final)
         return final
 
@@ -324,17 +305,12 @@ class Trainer:
                 lora_targets=list(cfg.lora.targets or spec.default_lora_targets),
                 samples=len(samples),
                 version=run.info.version,
+                controlnet_classes=(spec.controlnet_class, spec.controlnet_pipeline_class)
+                if cfg.train.method == "controlnet"
+                else None,
             )
         except (OSError, ValueError) as error:
             print(f"warning: could not write the model card {final / 'README.md'}: {error}")
-
-
-def load_image(path: Path) -> Any:
-    """A conditioning image as RGB (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def read_numbers(values: list[torch.Tensor | float]) -> list[float]:

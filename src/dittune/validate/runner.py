@@ -49,6 +49,8 @@ class ValidationRequest:
     fps: float | None = None
     images: Sequence[Any] | None = None
     """Conditioning images (PIL), one per prompt, for image-to-video sampling."""
+    extra: Sequence[dict[str, Any]] | None = None
+    """More pipeline arguments per prompt (e.g. a ControlNet's control image)."""
 
 
 @dataclass
@@ -95,7 +97,11 @@ def run_validation(
                 fps=fps,
                 image=request.images[index] if request.images else None,
             )
-            with torch.no_grad(), autocast():
+            kwargs.update(request.extra[index] if request.extra else {})
+            with torch.no_grad(), autocast(), torch.random.fork_rng(devices=[]):
+                # ControlNet pipelines draw their control latents from the global generator: seeded per prompt,
+                # so validation repeats (forked: training's own random state is untouched)
+                torch.manual_seed(request.seed + index)
                 frames = spec.output_frames(pipeline(**kwargs))
         except Exception as error:  # validation must never stop training
             message = f"validation prompt {index} ({prompt!r}) failed: {type(error).__name__}: {error}"

@@ -21,6 +21,8 @@ class HunyuanDiTFacts(FamilyFacts):
     denoiser_component = "transformer"
     denoiser_class = "HunyuanDiT2DModel"
     pipeline_class = "HunyuanDiTPipeline"
+    controlnet_class = "HunyuanDiT2DControlNetModel"
+    controlnet_pipeline_class = "HunyuanDiTControlNetPipeline"
     loss_options = DDPM_LOSS_OPTIONS
 
     @classmethod

@@ -137,6 +137,50 @@ class HunyuanDiTSpec(HunyuanDiTFacts, AutoencoderKLFamily, ModelSpec):
         rows = [[*m.original_size, *m.target_size, *m.crop_left_top] for m in batch.meta]
         return torch.tensor(rows, dtype=torch.float32, device=device)
 
+    def build_controlnet(self, denoiser: nn.Module, layers: int | None) -> tuple[nn.Module, list[nn.Parameter]]:
+        """As Tencent's trainer: embedders and the first blocks copied from the denoiser, zero-initialised input and
+        output projections; the blocks and projections train, the embedders stay frozen. One block per long skip
+        (num_layers // 2 - 1), built from the denoiser's config (diffusers' `from_transformer` misreads v1.2's)."""
+        from diffusers import HunyuanDiT2DControlNetModel
+
+        from dittune.models.controlnet import copy_weights
+
+        config = denoiser.config
+        blocks = config.num_layers // 2 - 1
+        if layers not in (None, blocks):
+            raise ValueError(
+                f"controlnet.layers: a Hunyuan-DiT ControlNet has one block per long skip of the denoiser, {blocks} "
+                "here; remove the key"
+            )
+        controlnet = HunyuanDiT2DControlNetModel(
+            num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim,
+            in_channels=config.in_channels,
+            patch_size=config.patch_size,
+            activation_fn=config.activation_fn,
+            sample_size=config.sample_size,
+            hidden_size=config.hidden_size,
+            transformer_num_layers=config.num_layers,
+            mlp_ratio=config.mlp_ratio,
+            cross_attention_dim=config.cross_attention_dim,
+            cross_attention_dim_t5=config.cross_attention_dim_t5,
+            pooled_projection_dim=config.pooled_projection_dim,
+            text_len=config.text_len,
+            text_len_t5=config.text_len_t5,
+            use_style_cond_and_image_meta_size=config.use_style_cond_and_image_meta_size,
+        )
+        copy_weights(
+            denoiser,
+            controlnet,
+            ("pos_embed.", "text_embedder.", "text_embedding_padding", "time_extra_emb.", "blocks."),
+        )
+        controlnet.requires_grad_(False)
+        trained = [controlnet.blocks, controlnet.input_block, controlnet.controlnet_blocks]
+        params = [p for module in trained for p in module.parameters()]
+        for param in params:
+            param.requires_grad_(True)
+        return controlnet, params
+
     def compute_loss(
         self,
         denoiser: nn.Module,

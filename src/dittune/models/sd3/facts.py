@@ -26,9 +26,13 @@ class SD3Facts(FamilyFacts):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     )  # fmt: skip
+    layout_module = "dittune.models.sd3.layout"
     denoiser_component = "transformer"
     denoiser_class = "SD3Transformer2DModel"
     pipeline_class = "StableDiffusion3Pipeline"
+    controlnet_class = "SD3ControlNetModel"
+    controlnet_pipeline_class = "StableDiffusion3ControlNetPipeline"
+    control_argument = "block_controlnet_hidden_states"
     loss_options = FLOW_LOSS_OPTIONS
     t5_lengths = (256, 512)
 

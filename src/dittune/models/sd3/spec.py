@@ -12,6 +12,7 @@ default; `loss.timestep_sampling = "shift"` uses the scheduler's shift (3.0).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,29 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
         from dittune.models.flow_objective import training_shift
 
         return training_shift(settings, scheduler_config)
+
+    def build_controlnet(self, denoiser: nn.Module, layers: int | None) -> tuple[nn.Module, list[nn.Parameter]]:
+        """As diffusers' SD3 ControlNet trainer: the denoiser's config with `layers` blocks (default half), its
+        embedders and first blocks copied, zero-initialised input embedding and block outputs; everything trains.
+        The pooled projection is fed to it (not zeroed), in training and in the pipeline alike."""
+        from diffusers import SD3ControlNetModel
+
+        from dittune.models.controlnet import copy_weights
+
+        config = dict(denoiser.config)
+        total = int(config["num_layers"])
+        blocks = layers or max(1, total // 2)
+        if blocks >= total:
+            raise ValueError(f"controlnet.layers: {blocks} is not fewer than the denoiser's {total} blocks")
+        accepted = set(inspect.signature(SD3ControlNetModel.__init__).parameters)
+        settings = {k: v for k, v in config.items() if k in accepted}
+        settings.update(num_layers=blocks, extra_conditioning_channels=0, force_zeros_for_pooled_projection=False)
+        controlnet = SD3ControlNetModel(**settings)
+        copy_weights(
+            denoiser, controlnet, ("pos_embed.", "time_text_embed.", "context_embedder.", "transformer_blocks.")
+        )
+        controlnet.requires_grad_(True)
+        return controlnet, list(controlnet.parameters())
 
     def compute_loss(
         self,
