@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.family_batches import SpecCases, encoded_batch
 
 from dittune.models.controlnet import ControlledDenoiser
 from dittune.models.registry import spec_class
-from tests.family_batches import SpecCases, encoded_batch
 
 FAMILIES = ("hunyuan-dit", "sd3")
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dittune.cli.main import main
 from tests.conftest import read_image
 from tests.test_lora_formats import Trained
+
+from dittune.cli.main import main
 
 
 @pytest.fixture(scope="module")

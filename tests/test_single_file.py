@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests.conftest import write_config
 
 from dittune.cli.main import main
 from dittune.config import load_config
 from dittune.models.registry import spec_class
 from dittune.train.preflight import preflight
-from tests.conftest import write_config
 
 
 def _state(spec) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_hunyuan_version_is_detected_from_the_file(tiny_models: dict[str, Path],
     assert "style_embedder.weight" in torch.load(v11, weights_only=True)
     spec = spec_class("hunyuan-dit")(tiny_models["v1.1"], checkpoint=v11)
     assert spec.inspect().version == "v1.0/v1.1"
-    with pytest.raises(ValueError, match="set model.components to a folder of the checkpoint's version"):
+    with pytest.raises(ValueError, match=r"set model\.components to a folder of the checkpoint's version"):
         spec_class("hunyuan-dit")(tiny_models["v1.2"], checkpoint=v11).inspect()
 
 
@@ -57,7 +57,7 @@ def test_unreadable_and_mismatched_files_are_refused(family_models: dict[str, Pa
         spec_class("hunyuan-dit")(folder, checkpoint=pickle).load_denoiser(torch.float32)
     other = tmp_path / "flux.safetensors"
     assert main(["export", str(family_models["flux"]), "--to", "single-file", "--out", str(other)]) == 0
-    with pytest.raises(ValueError, match="does not fit HunyuanDiT2DModel.*missing"):
+    with pytest.raises(ValueError, match=r"does not fit HunyuanDiT2DModel.*missing"):
         spec_class("hunyuan-dit")(folder, checkpoint=other).load_denoiser(torch.float32)
 
 
