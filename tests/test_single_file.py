@@ -19,7 +19,7 @@ def _state(spec) -> dict[str, torch.Tensor]:
     return spec.load_denoiser(torch.float32).state_dict()
 
 
-@pytest.mark.parametrize("family", ["hunyuan-dit", "flux"])
+@pytest.mark.parametrize("family", ["hunyuan-dit", "flux", "sd3"])
 def test_exported_files_load_back_exactly(family_models: dict[str, Path], tmp_path: Path, family: str) -> None:
     folder = family_models[family]
     want = _state(spec_class(family)(folder))
@@ -30,11 +30,16 @@ def test_exported_files_load_back_exactly(family_models: dict[str, Path], tmp_pa
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), to
     written = load_file(tmp_path / "x.safetensors")
-    fused = {"hunyuan-dit": "blocks.0.attn1.Wqkv.weight", "flux": "double_blocks.0.img_attn.qkv.weight"}[family]
+    fused = {
+        "hunyuan-dit": "blocks.0.attn1.Wqkv.weight",
+        "flux": "double_blocks.0.img_attn.qkv.weight",
+        "sd3": "joint_blocks.0.x_block.attn.qkv.weight",
+    }[family]
     assert fused in written and len(written) < len(want)
-    # a diffusers-named single file (e.g. a saved transformer) loads as well, with a prefix
+    # a diffusers-named single file (e.g. a saved transformer) loads as well, with a prefix, beside other components
     prefixed = tmp_path / "diffusers.safetensors"
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in want.items()}, prefixed)
+    bundle = {f"model.diffusion_model.{k}": v.contiguous() for k, v in want.items()}
+    save_file({**bundle, "first_stage_model.decoder.conv_in.weight": torch.zeros(2)}, prefixed)
     got = _state(spec_class(family)(folder, checkpoint=prefixed))
     assert all(torch.equal(got[k], want[k]) for k in want)
 

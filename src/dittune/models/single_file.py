@@ -19,6 +19,7 @@ from dittune.models.layout_convert import from_theirs_state
 
 NESTED = ("ema", "module", "state_dict", "model")
 DIFFUSERS_PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.")
+BUNDLE_PREFIX = "model.diffusion_model."
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -47,14 +48,21 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def denoiser_part(names: list[str]) -> list[str]:
+    """The names of the denoiser's tensors: in a file bundling the VAE and text encoders as well (SAI and ComfyUI
+    "all-in-one" checkpoints), those under `model.diffusion_model.`; else all."""
+    bundled = [n for n in names if n.startswith(BUNDLE_PREFIX)]
+    return bundled or names
+
+
 def checkpoint_names(path: Path) -> list[str]:
     """Tensor names of a checkpoint (the header only, for .safetensors)."""
     if Path(path).suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
-    return list(read_checkpoint(path))
+            return denoiser_part(list(handle.keys()))
+    return denoiser_part(list(read_checkpoint(path)))
 
 
 def diffusers_names(names: list[str], layout: Layout | None, expected: set[str]) -> list[str]:
@@ -92,6 +100,7 @@ def _strip_diffusers_prefix(names: list[str], expected: set[str]) -> list[str] |
 def load_checkpoint_into(model: nn.Module, path: Path, layout: Layout | None) -> None:
     """Fill `model` (built from its config, parameters possibly on the meta device) from the checkpoint at `path`."""
     state = read_checkpoint(path)
+    state = {name: state[name] for name in denoiser_part(list(state))}
     expected = set(model.state_dict())
     plain = _strip_diffusers_prefix(list(state), expected)
     if plain is not None:

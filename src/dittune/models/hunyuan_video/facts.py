@@ -29,6 +29,7 @@ class HunyuanVideoFacts(FamilyFacts):
     """Attention of the double-stream blocks (image and text projections) and of the single-stream blocks
     (q/k/v; their output projection is shared with the MLP). By suffix, the text token refiner's attention
     (`context_embedder.token_refiner.*.attn`) matches too, as in finetrainers' default."""
+    layout_module = "dittune.models.hunyuan_video.layout"
     denoiser_component = "transformer"
     denoiser_class = "HunyuanVideoTransformer3DModel"
     vae_class = "AutoencoderKLHunyuanVideo"

@@ -35,7 +35,7 @@ def tiny_transformer_config() -> dict:
         "num_layers": 1,
         "num_single_layers": 1,
         "num_refiner_layers": 1,
-        "mlp_ratio": 2.0,
+        "mlp_ratio": 4.0,  # as released: the original layout fuses q, k, v and the 4× MLP into linear1
         "patch_size": 2,
         "patch_size_t": 1,
         "guidance_embeds": True,
