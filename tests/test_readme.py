@@ -20,6 +20,15 @@ def test_config_reference_is_current() -> None:
     )
 
 
+def test_formats_doc_key_maps_are_current() -> None:
+    """docs/formats.md's tables are the ones rendered from the family layouts the converters run."""
+    from dittune.export.formats_doc import update_section
+
+    text = (ROOT / "docs" / "formats.md").read_text(encoding="utf-8")
+    assert update_section(text) == text, "docs/formats.md is out of date: python scripts/update_formats_doc.py"
+    assert "`blocks.{i}.attn1.Wqkv`" in text and "A stacked, B block-diagonal" in text
+
+
 def test_readme_states_the_command_ci_runs() -> None:
     """CI runs exactly the README's one test command, and that command runs pytest (with the slowest tests)."""
     ci_commands = re.findall(r"^\s*(bash scripts/\S+)", CI_SCRIPT.read_text(encoding="utf-8"), flags=re.MULTILINE)
