@@ -25,7 +25,7 @@ def test_formats_doc_key_maps_are_current() -> None:
     from dittune.export.formats_doc import update_section
 
     text = (ROOT / "docs" / "formats.md").read_text(encoding="utf-8")
-    assert update_section(text) == text, "docs/formats.md is out of date: python scripts/update_formats_doc.py"
+    assert update_section(text) == text, "docs/formats.md is out of date: python scripts/update_readme.py"
     assert "`blocks.{i}.attn1.Wqkv`" in text and "A stacked, B block-diagonal" in text
 
 

@@ -1,7 +1,7 @@
 """docs/formats.md's generated part: every family's original layout and LoRA formats, rendered from the code.
 
 The tables come from the same `Layout` rules the converters run, so the documented key maps cannot drift from
-what `dittune lora convert`, `dittune export` and single-file loading do. `scripts/update_formats_doc.py` writes
+what `dittune lora convert`, `dittune export` and single-file loading do. `scripts/update_readme.py` writes
 them between the BEGIN and END markers; a test checks they are current.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dittune.models.layout import Fuse, Key, Layout, Rename
 from dittune.models.registry import facts_class, family_names
 
-BEGIN = "<!-- BEGIN GENERATED: layouts (python scripts/update_formats_doc.py) -->"
+BEGIN = "<!-- BEGIN GENERATED: layouts (python scripts/update_readme.py) -->"
 END = "<!-- END GENERATED: layouts -->"
 EXAMPLE = {
     "kohya": "lora_unet_{module with . → _}.lora_down/.lora_up/.alpha",
