@@ -218,3 +218,110 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path: Path, capsys: pytest.
     assert "--overwrite" in capsys.readouterr().err
     assert main(["prepare", str(source), str(out), *BUCKETS, "--overwrite"]) == 0
     assert not (out / "stale.png").exists() and [row["file_name"] for row in _rows(out)] == ["red_0.png"]
+
+
+# ---------------------------------------------------------------------------------------- ControlNet data
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels: a wrong crop, resize or pairing changes them."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _placed(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _control_source(root: Path) -> Path:
+    """wide: its inverse as control; tall: a larger control of another aspect; c.png and c.jpg share c_control.png
+    (so their outputs' control names would clash); lone: no control image."""
+    root.mkdir(parents=True)
+    wide = _noise(96, 64, 1)
+    images = {"wide.png": wide, "tall.png": _noise(40, 72, 2), "c.png": _noise(48, 48, 3), "c.jpg": _noise(64, 48, 4)}
+    controls = {"wide": Image.fromarray(255 - np.asarray(wide)), "tall": _noise(120, 90, 12), "c": _noise(50, 50, 13)}
+    for name, image in {**images, "lone.png": _noise(32, 32, 5)}.items():
+        image.save(root / name, quality=95)
+        (root / name).with_suffix(".txt").write_text(f"caption of {name}")
+    for stem, image in controls.items():
+        image.save(root / f"{stem}_control.png")
+    return root
+
+
+def _plan_control(root: Path) -> DatasetPlan:
+    """`root` planned as a ControlNet run plans it at `BUCKETS` with a random crop (seed 3)."""
+    records, skipped = discover(root, control=True)
+    return plan_dataset(
+        records,
+        root,
+        resolution=32,
+        resolution_type="pixel",
+        alignment=16,
+        step=16,
+        max_aspect_ratio=2.0,
+        crop="random",
+        crop_seed=3,
+        batch_size=1,
+        incomplete_batches="keep",
+        skipped=skipped,
+    )
+
+
+def test_control_images_are_written_placed_like_their_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = _control_source(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [*BUCKETS, "--crop", "random", "--crop-seed", "3", "--image-format", "keep", "--control"]
+    assert main(["prepare", str(source), str(out), *args]) == 0
+    report = capsys.readouterr().out
+    assert "Prepared 4 image(s), each with its control image (4)" in report and 'method = "controlnet"' in report
+    assert "lone.png: no control image lone_control.<image suffix> next to it" in report
+
+    planned = {sample.key: sample for sample in _plan_control(source).samples}
+    assert any(sample.placement.crop_left_top != (0, 0) for sample in planned.values())  # the crop matters
+    rows = {row["source"]: row for row in _rows(out)}
+    assert {key: (row["file_name"], row["control"]) for key, row in rows.items()} == {
+        "c.jpg": ("c.jpg", "c_control.png"),
+        "c.png": ("c-2.png", "c-2_control.png"),  # c_control.png is taken: the next free stem for both
+        "tall.png": ("tall.png", "tall_control.png"),
+        "wide.png": ("wide.png", "wide_control.png"),
+    }
+    for key, row in rows.items():
+        sample = planned[key]
+        with Image.open(out / row["control"]) as image:
+            assert image.format == "PNG" and image.size == sample.placement.bucket
+        # The pixels training on IN would encode for the control: its image's resize and crop (stretched if needed).
+        assert torch.equal(_placed(out / row["control"]), load_pixels(sample.record.control, sample.placement, False))
+    wide = rows["wide.png"]
+    # The inverse of the image, placed, is the inverse of the placed image (to Lanczos' rounding).
+    assert torch.allclose(_placed(out / wide["control"]), -_placed(out / wide["file_name"]), atol=1.01 / 127.5)
+
+    # A ControlNet run on OUT pairs every image, plans the same buckets and reads the same control pixels.
+    by_file = {row["file_name"]: planned[key] for key, row in rows.items()}
+    records, skipped = discover(out, control=True)
+    assert skipped == []
+    assert {r.path.relative_to(out).as_posix(): r.control.relative_to(out).as_posix() for r in records} == {
+        row["file_name"]: row["control"] for row in rows.values()
+    }
+    again = _plan_control(out).samples
+    assert len(again) == 4
+    for sample in again:
+        before = by_file[sample.key]
+        assert sample.placement.bucket == sample.placement.resized == before.placement.bucket
+        assert sample.placement.crop_left_top == (0, 0)
+        placed = load_pixels(sample.record.control, sample.placement, False)
+        assert torch.equal(placed, load_pixels(before.record.control, before.placement, False))
+    # Other methods train on OUT as before: the control images are not samples.
+    assert sorted(r.path.name for r in discover(out)[0]) == ["c-2.png", "c.jpg", "tall.png", "wide.png"]
+
+
+def test_control_files_without_control_flag_get_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = _control_source(tmp_path / "in")
+    assert main(["prepare", str(source), str(tmp_path / "out"), *BUCKETS]) == 0
+    report = capsys.readouterr().out
+    assert "3 file(s) named *_control.* (e.g. c_control.png) look like ControlNet control images" in report
+    assert "add --control to pair each with its image" in report
+    assert all("control" not in row for row in _rows(tmp_path / "out"))
+
+    plain = make_dataset(tmp_path / "plain", sizes=((64, 64),), colours=("red",))
+    assert main(["prepare", str(plain), str(tmp_path / "out2"), *BUCKETS]) == 0
+    assert "--control" not in capsys.readouterr().out
+    assert main(["prepare", str(source), str(tmp_path / "out3"), *BUCKETS, "--control", "--frames", "4"]) == 2
+    assert "--control" in capsys.readouterr().err and not (tmp_path / "out3").exists()

@@ -1,7 +1,7 @@
 """`dittune estimate`: the estimate (fake weights, nothing loaded) against measured runs of the real code on real
-weights, per phase, on tiny and mid-size models of an image family (SD3) and a video family (Wan); exact
-parameter bytes; the command's table and JSON; clear errors before anything loads; options it cannot trace; and
-the per-phase memory in metrics.jsonl.
+weights, per phase, on tiny and mid-size models of an image family (SD3) and a video family (Wan), and on a tiny
+Hunyuan-DiT ControlNet run; exact parameter bytes; the command's table and JSON; clear errors before anything
+loads; options it cannot trace; and the per-phase memory in metrics.jsonl.
 
 Measured: caching is `fill_caches`, training the second `Trainer.optimizer_step` and validation `Trainer.validate`,
 each under the same live-tensor meter (`dittune.train.memory`). The mid-size models' training step is also
@@ -24,7 +24,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import make_dataset, make_video_dataset, write_config
 from dittune.cli.main import main
 from dittune.config import load_config
-from dittune.train.estimate import FROZEN, OPTIMIZER, TEXT_ENCODERS, TRAINABLE, VAE, estimate
+from dittune.train.estimate import (
+    CONTROLNET,
+    CONTROLNET_FROZEN,
+    FROZEN,
+    OPTIMIZER,
+    TEXT_ENCODERS,
+    TRAINABLE,
+    VAE,
+    estimate,
+)
 from dittune.train.memory import module_tensors, modules_in, storage_bytes, trace
 from dittune.train.optim import optimizer_tensors
 
@@ -136,13 +145,17 @@ def _measure(cfg: Any) -> dict[str, Any]:
     run = build_run(cfg, make_accelerator(cfg), progress=False, announce=lambda _: None)
     trainer = Trainer(run, progress=False)
     trainer.optimizer_step()  # the optimizer's state exists from the first step on
-    denoiser = run.accelerator.unwrap_model(run.denoiser)
+    model = run.accelerator.unwrap_model(run.denoiser)
     trainable = {id(p) for p in run.trainable}
-    frozen = [t for t in module_tensors([denoiser]) if id(t) not in trainable]
-    resident = {FROZEN: frozen, TRAINABLE: run.trainable, OPTIMIZER: optimizer_tensors(run.optimizer)}
+    if cfg.train.method == "controlnet":  # the frozen denoiser; the ControlNet's frozen and trained parts
+        controlnet = [t for t in module_tensors([model.controlnet]) if id(t) not in trainable]
+        parts = {FROZEN: module_tensors([model.denoiser]), CONTROLNET_FROZEN: controlnet, CONTROLNET: run.trainable}
+    else:
+        parts = {FROZEN: [t for t in module_tensors([model]) if id(t) not in trainable], TRAINABLE: run.trainable}
+    resident = {**parts, OPTIMIZER: optimizer_tensors(run.optimizer)}
     resident[VAE] = module_tensors([run.vae])  # kept on the CPU for validation
-    weights.update({VAE: storage_bytes(resident[VAE]), FROZEN: storage_bytes(frozen)})
-    weights[TRAINABLE] = storage_bytes(run.trainable)
+    weights[VAE] = storage_bytes(resident[VAE])
+    weights.update({label: storage_bytes(tensors) for label, tensors in parts.items() if tensors})
     gc.collect()
     allocator = _Allocator() if _has_mallinfo2() else None
 
@@ -184,6 +197,46 @@ def test_estimate_matches_measured_run(tmp_path: Path, models: dict[str, Path], 
     line = measured["metrics"]
     assert {"memory_caching_mb", "memory_step_mb", "memory_validation_mb"} <= line.keys()
     assert line["peak_memory_mb"] >= max(line["memory_step_mb"], line["memory_validation_mb"]) > 0
+
+
+def _control_config(tmp: Path, model: Path, *overrides: str) -> Any:
+    """A ControlNet run on circles whose control images are their inverses (`<stem>_control.png`)."""
+    from PIL import Image, ImageOps
+
+    data = make_dataset(tmp / "data", sizes=((64, 64), (96, 64)), colours=("red", "blue"))
+    for image in sorted(data.glob("*.png")):
+        ImageOps.invert(Image.open(image).convert("RGB")).save(image.with_name(f"{image.stem}_control.png"))
+    validation = VALIDATION + f'control_images = ["{data / "red_0_control.png"}"]\n'
+    path = write_config(tmp / "cfg.toml", model, data, tmp / "out", validation, method="controlnet")
+    return load_config(path, list(overrides))
+
+
+def test_controlnet_estimate_matches_measured_run(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """A Hunyuan-DiT ControlNet run: the frozen denoiser, the ControlNet (fp32; its embedders frozen, the rest
+    trained, with gradients and optimizer state), the control latents in the batch and the ControlNet pipeline."""
+    cfg = _control_config(tmp_path, tiny_models["v1.2"])
+    est = estimate(cfg, "cpu")
+    assert est.not_modelled == [] and all(phase.problem is None for phase in est.phases)
+    measured = _measure(cfg)
+    assert est.weights == measured["weights"]  # parameter bytes by component and dtype: exact
+    assert set(est.weights) >= {FROZEN, CONTROLNET_FROZEN, CONTROLNET} and TRAINABLE not in est.weights
+    for phase in ("caching", "training", "validation"):
+        _close(est.phase(phase).peak, measured[phase].peak, f"controlnet {phase}")
+    stage = est.phase("training").worst
+    assert stage is not None and stage.at_peak[OPTIMIZER] == measured["training"].at_peak[OPTIMIZER]
+
+    # On a GPU (bf16 assumed here): the denoiser in bf16, the whole ControlNet in fp32, trained parameters with
+    # fp32 AdamW moments.
+    from dittune.models.hunyuan_dit.spec import HunyuanDiTSpec
+
+    gpu = estimate(_control_config(tmp_path / "gpu", tiny_models["v1.2"], "train.mixed_precision=auto"), "cuda")
+    assert gpu.weight_dtype == "bf16"
+    spec = HunyuanDiTSpec(tiny_models["v1.2"])
+    _, trained = spec.build_controlnet(spec.load_denoiser(torch.float32), None)
+    count = sum(p.numel() for p in trained)
+    assert gpu.weights[CONTROLNET] == {"float32": 4 * count} and set(gpu.weights[CONTROLNET_FROZEN]) == {"float32"}
+    assert set(gpu.weights[FROZEN]) == {"bfloat16"}
+    assert gpu.phase("training").worst.at_peak[OPTIMIZER] >= 2 * 4 * count
 
 
 def _layout(spec: Any, dtype: torch.dtype) -> dict[str, tuple[Any, ...]]:

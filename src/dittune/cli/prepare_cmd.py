@@ -114,6 +114,15 @@ def add_prepare_parser(commands: argparse._SubParsersAction) -> argparse.Argumen
         choices=("skip", "empty", "error"),
         help="a file without caption: leave it out, keep it with an empty caption, or stop (default: %(default)s)",
     )
+    output.add_argument(
+        "--control",
+        action="store_true",
+        help=(
+            "ControlNet data: pair each image with its control image (<stem>_control.<ext> beside it, or a "
+            "control metadata column) as training does; each is written placed like its image as "
+            "<stem>_control.png and listed in a control column"
+        ),
+    )
     output.add_argument("--overwrite", action="store_true", help="replace OUT if a previous prepare wrote it")
     prepare.set_defaults(handler=_cmd_prepare)
     return prepare
@@ -154,6 +163,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         caption_extension=args.caption_extension,
         missing_caption=args.missing_caption,
         overwrite=args.overwrite,
+        control=args.control,
         frame_rule=rule,
     )
     summary = prepare_dataset(Path(args.source), Path(args.out), options)

@@ -9,6 +9,10 @@ Videos are cut into consecutive clips of `frames` frames (every `stride` frames,
 video), optionally resampled to `fps` first; without `frames` a video is kept whole. The output folder holds
 the files (relative paths kept), a ``metadata.jsonl`` with ``file_name`` and ``text`` (what `discover`
 reads) and a hidden marker that lets ``--overwrite`` replace a previous output, and nothing else.
+
+With `control` (for ControlNet training) every image is paired with its control image as training pairs them
+(`discover(..., control=True)`); the control image is placed with exactly its image's resize and crop and written
+as ``<output stem>_control.png`` beside it, and named in a ``control`` column of the metadata.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dittune.data.buckets import CROP_MODES, RESOLUTION_TYPES, check_step
-from dittune.data.discover import METADATA_JSONL, MISSING_CAPTION_MODES, DataError, discover
+from dittune.data.discover import (
+    CONTROL_COLUMN,
+    CONTROL_SUFFIX,
+    IMAGE_EXTENSIONS,
+    METADATA_JSONL,
+    MISSING_CAPTION_MODES,
+    DataError,
+    discover,
+)
 from dittune.data.report import PlannedSample, bucket_label, plan_dataset
 from dittune.data.transforms import ImageLoadError, load_pixels, pixels_from_image
 from dittune.data.types import Bucket, Skipped
@@ -74,6 +86,9 @@ class PrepareOptions:
     caption_extension: str = ".txt"
     missing_caption: str = "skip"
     overwrite: bool = False
+    control: bool = False
+    """Pair each image with its control image (`<stem>_control.<ext>` or a `control` column) and write it placed
+    like its image, as ControlNet training reads them."""
     frame_rule: FrameRule = STILL
     """The target model's clip lengths, when known (only used to warn about a `frames` it would snap down)."""
 
@@ -101,6 +116,11 @@ class PrepareOptions:
         for name, value in (("--frames", self.frames), ("--stride", self.stride), ("--max-clips", self.max_clips)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.control and self.frames is not None:
+            raise ValueError(
+                "--control pairs still images with control images (ControlNet training takes no clips); "
+                "remove --frames, or prepare the videos in a separate run without --control"
+            )
         if self.stride is not None and self.frames is None:
             raise ValueError("--stride needs --frames (the clip length)")
         if self.fps is not None and self.fps <= 0:
@@ -118,6 +138,8 @@ class PrepareSummary:
     source: Path
     out: Path
     images: int = 0
+    controls: int = 0
+    """Control images written (one per image with --control)."""
     clips: int = 0
     videos: int = 0
     """Source videos that gave at least one clip."""
@@ -141,7 +163,9 @@ def prepare_dataset(source: Path, out: Path, options: PrepareOptions, progress: 
     _check_separate(source, out)
     video = _video_support()
     try:
-        records, skipped = discover(source, options.caption_extension, options.missing_caption, video=video)
+        records, skipped = discover(
+            source, options.caption_extension, options.missing_caption, video=video, control=options.control
+        )
         plan = plan_dataset(
             records,
             source,
@@ -160,7 +184,7 @@ def prepare_dataset(source: Path, out: Path, options: PrepareOptions, progress: 
     except DataError as error:
         raise DataError(str(error).removeprefix("data.path: ")) from None
     summary = PrepareSummary(source, out, skipped=[_explain(s, video) for s in plan.skipped], notes=_notes(options))
-    summary.notes += plan.notes
+    summary.notes += plan.notes + _control_notes(source, options)
     _claim(out, source, options)
 
     rows: list[dict[str, object]] = []
@@ -175,13 +199,18 @@ def prepare_dataset(source: Path, out: Path, options: PrepareOptions, progress: 
         except ImageLoadError as error:
             summary.skipped.append(Skipped(sample.record.path, error.reason))
             continue
-        summary.bytes_in += sample.record.path.stat().st_size
         resized, record = sample.placement.resized, sample.record
+        summary.bytes_in += record.path.stat().st_size + (record.control.stat().st_size if record.control else 0)
         summary.upscaled += resized[0] > record.width or resized[1] > record.height
-        for rel, shape in written:
+        for rel, shape, control in written:
             summary.buckets[shape] += 1
             summary.bytes_out += (out / rel).stat().st_size
-            rows.append({"file_name": rel, "text": sample.record.caption, "source": sample.key})
+            row: dict[str, object] = {"file_name": rel, "text": sample.record.caption, "source": sample.key}
+            if control is not None:
+                summary.controls += 1
+                summary.bytes_out += (out / control).stat().st_size
+                row[CONTROL_COLUMN] = control
+            rows.append(row)
         if sample.record.is_video and sample.record.frames > 1:
             summary.videos += bool(written)
             summary.clips += len(written)
@@ -224,6 +253,26 @@ def _notes(options: PrepareOptions) -> list[str]:
     return []
 
 
+def _control_notes(source: Path, options: PrepareOptions) -> list[str]:
+    """Without --control: a note when the source has files named like control images (read as plain images)."""
+    if options.control:
+        return []
+    found = [
+        path
+        for path in sorted(source.rglob(f"*{CONTROL_SUFFIX}.*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.stem.endswith(CONTROL_SUFFIX)
+        and not any(part.startswith(".") for part in path.relative_to(source).parts)
+    ]
+    if not found:
+        return []
+    example = found[0].relative_to(source).as_posix()
+    return [
+        f"{len(found)} file(s) named *{CONTROL_SUFFIX}.* (e.g. {example}) look like ControlNet control images; "
+        "add --control to pair each with its image (without it they are ordinary images)"
+    ]
+
+
 def _check_separate(source: Path, out: Path) -> None:
     src, dst = source.resolve(), out.resolve()
     if src == dst or dst.is_relative_to(src) or src.is_relative_to(dst):
@@ -253,17 +302,24 @@ def _write_marker(out: Path, source: Path, options: PrepareOptions, complete: bo
     (out / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def _output_path(key: str, suffix: str, used: set[str], tag: str = "") -> str:
-    """A free relative output path for source `key` (its folder and stem kept; "-2", "-3" … on a clash)."""
+def _output_path(key: str, suffix: str, used: set[str], tag: str = "", companion: str = "") -> str:
+    """A free relative output path for source `key` (its folder and stem kept; "-2", "-3" … on a clash); with a
+    `companion` ending (e.g. "_control.png") the same stem with that ending must be free too, and is taken."""
     rel = PurePosixPath(key)
     stem = rel.stem + tag
     for attempt in range(1, len(used) + 2):
         name = stem if attempt == 1 else f"{stem}-{attempt}"
-        candidate = (rel.parent / (name + suffix)).as_posix()
-        if candidate.lower() not in used:
-            used.add(candidate.lower())
-            return candidate
+        names = [(rel.parent / (name + ending)).as_posix().lower() for ending in (suffix, companion) if ending]
+        if not used.intersection(names):
+            used.update(names)
+            return (rel.parent / (name + suffix)).as_posix()
     raise AssertionError("unreachable: one of len(used) + 1 names is free")
+
+
+def _control_path(rel: str) -> str:
+    """The output path of the control image of output image `rel`: `<stem>_control.png` beside it."""
+    path = PurePosixPath(rel)
+    return path.with_name(f"{path.stem}{CONTROL_SUFFIX}.png").as_posix()
 
 
 def _to_image(pixels: torch.Tensor) -> Image.Image:
@@ -272,16 +328,26 @@ def _to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def _write_still(sample: PlannedSample, out: Path, options: PrepareOptions, used: set[str]) -> tuple[str, Bucket]:
+def _write_still(
+    sample: PlannedSample, out: Path, options: PrepareOptions, used: set[str]
+) -> tuple[str, Bucket, str | None]:
+    """Write one image (and its control image, placed the same way); returns (path, bucket, control path)."""
     record, placement = sample.record, sample.placement
     if record.is_video:  # a one-frame video: its frame is a still
         pixels = load_clip(record.path, replace(placement, frame_indices=(0,)), False)[:, 0]
     else:
         pixels = load_pixels(record.path, placement, False)
+    control = None
+    if record.control is not None:  # loaded before anything is written: a sample is written whole or not at all
+        try:
+            control = load_pixels(record.control, placement, False)
+        except ImageLoadError as error:
+            raise ImageLoadError(f"control image {record.control.name}: {error.reason}", record.control) from None
     jpeg = options.image_format == "jpeg" or (
         options.image_format == "keep" and record.path.suffix.lower() in _JPEG_SUFFIXES
     )
-    rel = _output_path(sample.key, ".jpg" if jpeg else ".png", used)
+    companion = f"{CONTROL_SUFFIX}.png" if control is not None else ""
+    rel = _output_path(sample.key, ".jpg" if jpeg else ".png", used, companion=companion)
     target = out / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     image = _to_image(pixels)
@@ -289,13 +355,17 @@ def _write_still(sample: PlannedSample, out: Path, options: PrepareOptions, used
         image.save(target, quality=JPEG_QUALITY)
     else:
         image.save(target)
-    return rel, placement.shape
+    if control is None:
+        return rel, placement.shape, None
+    control_rel = _control_path(rel)
+    _to_image(control).save(out / control_rel)  # PNG whatever --image-format: the exact placed pixels
+    return rel, placement.shape, control_rel
 
 
 def _write_clips(
     sample: PlannedSample, out: Path, options: PrepareOptions, used: set[str], summary: PrepareSummary
-) -> list[tuple[str, Bucket]]:
-    """Cut one video into clips at its bucket; returns (relative path, bucket) per clip written."""
+) -> list[tuple[str, Bucket, None]]:
+    """Cut one video into clips at its bucket; returns (relative path, bucket, None) per clip written."""
     record, placement = sample.record, sample.placement
     width, height = placement.bucket
     if width % 2 or height % 2:
@@ -324,7 +394,7 @@ def _write_clips(
         slots.setdefault(source_index, []).append(position)
 
     open_clips: dict[int, list[Image.Image]] = {}
-    written: list[tuple[str, Bucket]] = []
+    written: list[tuple[str, Bucket, None]] = []
     digits = max(3, len(str(count - 1)))
     try:
         for index, frame in _decoded(record.path, max(targets)):
@@ -340,7 +410,7 @@ def _write_clips(
                         tag = f"_{clip:0{digits}d}" if options.frames is not None else ""
                         rel = _output_path(sample.key, ".mp4", used, tag)
                         write_frames(open_clips.pop(clip), out / rel, rate)
-                        written.append((rel, (width, height, length)))
+                        written.append((rel, (width, height, length), None))
         problem = "video ended early"
     except ImageLoadError as error:
         if not written:
@@ -370,7 +440,8 @@ def _decoded(path: Path, last: int) -> Iterator[tuple[int, Image.Image]]:
 def format_summary(summary: PrepareSummary, options: PrepareOptions) -> str:
     """The report printed after `dittune prepare`: counts, buckets, sizes, skipped files, notes, config hint."""
     clips = f", {summary.clips} clip(s) from {summary.videos} video(s)" if summary.clips else ""
-    lines = [f"Prepared {summary.images} image(s){clips} in {summary.out}"]
+    controls = f", each with its control image ({summary.controls})," if summary.controls else ""
+    lines = [f"Prepared {summary.images} image(s){controls}{clips} in {summary.out}"]
     if summary.buckets:
         shown = ", ".join(f"{bucket_label(b)}: {n}" for b, n in sorted(summary.buckets.items()))
         lines.append(f"  buckets: {shown}")
@@ -399,6 +470,8 @@ def format_summary(summary: PrepareSummary, options: PrepareOptions) -> str:
     ]
     if options.frames is not None:
         lines.append(f"  frames = {options.frames}")
+    if options.control:
+        lines += ["  [train]", '  method = "controlnet"']
     return "\n".join(lines)
 
 

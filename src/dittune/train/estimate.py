@@ -8,12 +8,15 @@ them (tokenizers, masks, noise, schedulers) runs for real where it needs values.
 - caching: `ModelSpec.load_vae` + `encode_pixels` of one VAE batch of the largest bucket (`cache.vae_batch_size`
   stills, or one clip), then `load_text_encoders` + `encode_prompts` of one text batch (`cache.text_batch_size`
   of the longest prompts) with the VAE still loaded, as `fill_caches` does;
-- training: the denoiser as `build_run` makes it (LoRA or full, base storage, gradient checkpointing), the
-  configured optimizer with its state already created, then one optimizer step as `Trainer.optimizer_step` takes
-  it (`train.batch_size` samples of the largest bucket from cache entries in the cache's dtypes, forward under
-  autocast, backward, a second micro-batch with `gradient_accumulation_steps` > 1, clipping, step, zero_grad);
-- validation: the stock pipeline around the trained denoiser, VAE and frozen experts, two denoising steps at
-  the validation size (every step needs the same memory) and the VAE decode.
+- training: the model as `build_run` makes it (`train.method`: LoRA, full, or a ControlNet beside the frozen
+  denoiser; base storage, gradient checkpointing), the configured optimizer with its state already created, then
+  one optimizer step as `Trainer.optimizer_step` takes it (`train.batch_size` samples of the largest bucket from
+  cache entries in the cache's dtypes, with control latents of the same shape for a ControlNet; the method's
+  loss under autocast, backward, a second micro-batch with `gradient_accumulation_steps` > 1, clipping, step,
+  zero_grad);
+- validation: the method's pipeline (the stock one, or the ControlNet pipeline with a control image) around the
+  trained model, VAE and frozen experts, two denoising steps at the validation size (every step needs the same
+  memory) and the VAE decode.
 
 Parameter bytes are exact. The rest is the tensor bytes the traced code keeps alive, at its peak. The code runs
 with CPU kernels whatever `device` is, so attention and convolution kernels that choose differently on a GPU,
@@ -37,9 +40,12 @@ from dittune.models.base import ModelSpec, SampleMeta, TrainBatch
 from dittune.models.draws import SampleDraws
 from dittune.precision import Precision, choose_precision, device_precision
 from dittune.train.memory import Stage, module_tensors, modules_in, storage_bytes, trace
+from dittune.train.methods import TrainingMethod, method_for
 from dittune.train.optim import optimizer_tensors
 
 TEXT_ENCODERS, VAE, FROZEN, TRAINABLE = "text encoders", "VAE", "denoiser (frozen)", "denoiser (trainable)"
+CONTROLNET_FROZEN, CONTROLNET = "ControlNet (frozen)", "ControlNet (trainable)"
+"""A ControlNet run's ControlNet (all fp32): its frozen parts (Hunyuan-DiT's embedders) and what trains."""
 OPTIMIZER, OPTIMIZER_HOST, EXPERTS = "optimizer state", "optimizer state (CPU)", "frozen experts"
 VALIDATION_STEPS = 2
 """Denoising steps traced for validation: each needs the same memory; two show any growth between steps."""
@@ -101,6 +107,7 @@ class _Context:
     bucket: tuple[int, int, int]
     host_optimizer: bool
     not_modelled: list[str]
+    method: TrainingMethod
     fake: Any = None
     """The `FakeTensorMode` of `weightless()`: entered for inputs and set-up, left for the traced stages."""
     objects: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +142,7 @@ def estimate(cfg: DittuneConfig, device: str = "cuda") -> Estimate:
         bucket=(int(bucket[0]), int(bucket[1]), int(bucket[2])),
         host_optimizer=cfg.train.optimizer_offload and device != "cpu",
         not_modelled=_unmodelled_options(cfg),
+        method=method_for(cfg),
     )
     width, height, frames = ctx.bucket
     clip = f", {frames} frames" if frames > 1 else ""
@@ -220,11 +228,12 @@ def _caching(ctx: _Context, captions: list[str], vae_batch: int) -> list[Stage]:
     weights = ctx.objects.setdefault("weights", {})
     weights[VAE] = module_tensors([vae])
     ctx.objects["vae"] = vae
+    controls = "; control images: a second pass alike" if cfg.train.method == "controlnet" else ""
     latents, moments = trace(
         "VAE encode",
         lambda: spec.encode_pixels(vae, pixels),
         {VAE: weights[VAE]},
-        detail=f"{vae_batch} × {width}×{height}" + (f"×{frames}" if frames > 1 else ""),
+        detail=f"{vae_batch} × {width}×{height}" + (f"×{frames}" if frames > 1 else "") + controls,
     )
     ctx.objects["moments"] = _stored(moments[0], cfg.cache.latent_dtype)
     with ctx.fake:
@@ -249,15 +258,50 @@ def _stored(entry: dict[str, torch.Tensor], dtype_name: str) -> dict[str, torch.
 
 # ------------------------------------------------------------------------------------ training
 def _denoiser(ctx: _Context) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The trained denoiser and its trainable parameters, as `build_run` makes them."""
+    """The trained model and its trainable parameters, as `build_run` makes them (checkpointing acts on the
+    method's trained core: the denoiser, or the ControlNet)."""
     from dittune.train.setup import load_trained_denoiser
 
     cfg, spec = ctx.cfg, ctx.spec
     denoiser, trainable = load_trained_denoiser(cfg, spec, ctx.dtype, ctx.device, quantise=False)
     if cfg.train.gradient_checkpointing:
-        spec.enable_partial_checkpointing(denoiser, cfg.train.gradient_checkpointing_ratio)
+        spec.enable_partial_checkpointing(ctx.method.trained_core(denoiser), cfg.train.gradient_checkpointing_ratio)
     denoiser.to(ctx.device).train()
     return denoiser, trainable
+
+
+def _model_weights(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> dict[str, list[torch.Tensor]]:
+    """The trained model's tensors by component: the denoiser's frozen and trainable ones, or for a ControlNet run
+    (a model with `controlnet` and `denoiser` parts) the frozen denoiser and the ControlNet's frozen and trainable
+    ones."""
+    trainable_ids = {id(p) for p in trainable}
+    controlnet = getattr(model, "controlnet", None)
+    if controlnet is None:
+        return {FROZEN: [t for t in module_tensors([model]) if id(t) not in trainable_ids], TRAINABLE: trainable}
+    return {
+        FROZEN: module_tensors([model.denoiser]),
+        CONTROLNET_FROZEN: [t for t in module_tensors([controlnet]) if id(t) not in trainable_ids],
+        CONTROLNET: trainable,
+    }
+
+
+class _Unwrapped:
+    """Stands in for the accelerator: the traced model is not wrapped."""
+
+    @staticmethod
+    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+@dataclass
+class _RunView:
+    """What a `TrainingMethod.loss` reads of a `Run`, for the traced step."""
+
+    spec: ModelSpec
+    denoiser: torch.nn.Module
+    scheduler: Any
+    loss: Any
+    accelerator: _Unwrapped = field(default_factory=_Unwrapped)
 
 
 def _autocast(ctx: _Context) -> Any:
@@ -297,11 +341,9 @@ def _training(ctx: _Context, scheduler: Any) -> list[Stage]:
         raise RuntimeError("the caching phase was not traced, so the shapes of the cache entries are unknown")
     with ctx.fake:
         denoiser, trainable = _denoiser(ctx)
-    ctx.objects.update(denoiser=denoiser, trainable=trainable)
-    weights = ctx.objects.setdefault("weights", {})
-    trainable_ids = {id(p) for p in trainable}
-    weights[FROZEN] = [t for t in module_tensors([denoiser]) if id(t) not in trainable_ids]
-    weights[TRAINABLE] = trainable
+    parts = _model_weights(denoiser, trainable)
+    ctx.objects.update(denoiser=denoiser, trainable=trainable, model_parts=list(parts))
+    ctx.objects.setdefault("weights", {}).update(parts)
     try:
         optimizer = _optimizer(ctx, trainable)
     except Exception as error:
@@ -324,19 +366,21 @@ def _training(ctx: _Context, scheduler: Any) -> list[Stage]:
     width, height, frames = ctx.bucket
     size, accumulation = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
     moments, text = ctx.objects["moments"], ctx.objects["text"]
-    settings = loss_settings(cfg, spec)
+    view = _RunView(spec, denoiser, scheduler, loss_settings(cfg, spec))
+    controlled = cfg.train.method == "controlnet"
 
     def collate() -> TrainBatch:
         meta = [SampleMeta((width, height), (width, height), (0, 0), frames=frames) for _ in range(size)]
-        stacked = [{k: torch.stack([v] * size).to(ctx.device) for k, v in entry.items()} for entry in (moments, text)]
-        return TrainBatch(moments=stacked[0], text=stacked[1], meta=meta)
+        entries = (moments, text, moments) if controlled else (moments, text)  # control latents: a target's shape
+        stacked = [{k: torch.stack([v] * size).to(ctx.device) for k, v in entry.items()} for entry in entries]
+        return TrainBatch(moments=stacked[0], text=stacked[1], meta=meta, control=stacked[2] if controlled else None)
 
     def step() -> None:
         for micro in range(min(accumulation, 2)):
             batch = collate()
             draws = SampleDraws(cfg.train.seed, 1, range(micro * size, (micro + 1) * size), ctx.device)
             with _autocast(ctx):
-                out = spec.compute_loss(denoiser, scheduler, batch, draws, settings)
+                out = ctx.method.loss(view, batch, draws)  # type: ignore[arg-type]
             (out.loss / accumulation).backward()
             del batch, out
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
@@ -357,12 +401,12 @@ def _training(ctx: _Context, scheduler: Any) -> list[Stage]:
 
 
 def _training_resident(ctx: _Context) -> dict[str, list[torch.Tensor]]:
-    """What stays loaded while training steps: the denoiser, the optimizer state, and on a CPU the VAE kept
-    for validation."""
+    """What stays loaded while training steps: the model (denoiser, and ControlNet), the optimizer state, and on
+    a CPU the VAE kept for validation."""
     weights = ctx.objects["weights"]
     optimizer = ctx.objects.get("optimizer")
     state = optimizer_tensors(optimizer) if optimizer is not None else []
-    resident = {FROZEN: weights[FROZEN], TRAINABLE: weights[TRAINABLE]}
+    resident = {label: weights[label] for label in ctx.objects["model_parts"]}
     resident[OPTIMIZER_HOST if ctx.host_optimizer else OPTIMIZER] = state
     if ctx.cfg.validation.prompts and ctx.target == "cpu" and VAE in weights:
         resident[VAE] = weights[VAE]
@@ -384,9 +428,9 @@ def _validation(ctx: _Context, plan: Any) -> list[Stage]:
     if optimizer is None:
         ctx.not_modelled.append("validation: the optimizer state is left out (the optimizer was not built)")
     conditioned = bool(cfg.validation.images)
-    scheduler = spec.load_scheduler()
-    with ctx.fake:
-        pipeline = spec.build_pipeline(denoiser, vae, scheduler, conditioned)
+    # Outside the fake mode: the method loads a real scheduler (its steps need values); the models in it are
+    # already fake, and frozen experts load fake under `weightless()`.
+    pipeline = ctx.method.validation_pipeline(spec, denoiser, vae, conditioned)
     experts = spec.offloaded_parts(pipeline)
     if experts:
         ctx.objects["weights"][EXPERTS] = module_tensors(experts)
@@ -406,6 +450,7 @@ def _validation(ctx: _Context, plan: Any) -> list[Stage]:
         fps=validation_fps(cfg, spec, plan),
         image=image,
     )
+    kwargs.update(ctx.method.validation_kwargs(cfg, 0))  # a ControlNet's control image (real: a file's pixels)
     kwargs["output_type"] = "pt"  # the decoded tensor; turning fake pixels into PIL images is impossible
     resident = {**_training_resident(ctx), VAE: module_tensors([vae]), EXPERTS: module_tensors(experts)}
     denoiser.eval()

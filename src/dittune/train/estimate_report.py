@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dittune.train.estimate import (
+    CONTROLNET,
+    CONTROLNET_FROZEN,
     EXPERTS,
     FROZEN,
     OPTIMIZER,
@@ -15,7 +17,18 @@ from dittune.train.estimate import (
 )
 from dittune.train.memory import ACTIVATIONS, GRADIENTS
 
-ROWS = (TEXT_ENCODERS, VAE, FROZEN, TRAINABLE, GRADIENTS, OPTIMIZER, EXPERTS, ACTIVATIONS)
+ROWS = (
+    TEXT_ENCODERS,
+    VAE,
+    FROZEN,
+    TRAINABLE,
+    CONTROLNET_FROZEN,
+    CONTROLNET,
+    GRADIENTS,
+    OPTIMIZER,
+    EXPERTS,
+    ACTIVATIONS,
+)
 """Components in table order (labels of `dittune.train.memory`)."""
 DEVICE_NOTE = {
     "cuda": (

@@ -68,8 +68,14 @@ def clean_prompt(prompt: str) -> str:
 class WanSpec(WanFacts, ModelSpec):
     block_lists = ("blocks",)
 
-    def __init__(self, path: str | Path, t5_max_length: int | None = None, expert: str | None = None) -> None:
-        super().__init__(path, t5_max_length, expert)
+    def __init__(
+        self,
+        path: str | Path,
+        t5_max_length: int | None = None,
+        expert: str | None = None,
+        checkpoint: str | Path | None = None,
+    ) -> None:
+        super().__init__(path, t5_max_length, expert, checkpoint)
         self.geometry = self.geometry_at(self.path)
         self.pipeline_init_extras = {"expand_timesteps": True} if self.geometry.ti2v else {}
         self.boundary = self.boundary_at(self.path) if expert is not None else None
