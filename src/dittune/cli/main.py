@@ -20,6 +20,7 @@ from dittune.cli.export_cmd import add_export_parser
 from dittune.cli.lora_cmd import add_lora_parser
 from dittune.cli.prepare_cmd import add_prepare_parser
 from dittune.config import ConfigError, DittuneConfig, load_config
+from dittune.errors import RunStopped
 from dittune.models.registry import tiny_builder, tiny_families
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
+    except RunStopped as exc:
+        if debug:
+            raise
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_status
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         if debug:
             raise
