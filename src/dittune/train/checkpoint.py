@@ -2,12 +2,15 @@
 
 A checkpoint is written into a temporary folder by `accelerator.save_state` (optimizer, RNG states,
 registered objects: LR schedule, data position) plus the trainable weights and a
-`trainer_state.json`, which is written last. The folder is then renamed into place, so a crash
-mid-save never leaves a checkpoint that looks complete.
+`trainer_state.json`, which is written last and lists every other file with its size and SHA-256. The folder
+is then renamed into place, so a crash mid-save never leaves a checkpoint that looks complete, and a file
+damaged later (truncated, missing, changed) is found before anything is loaded: `--resume latest` then says
+which checkpoint is damaged and falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +20,43 @@ from typing import Any
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, list]:
+    """Every file of a checkpoint folder but the state file: relative path → [size, sha256]."""
+    folder = Path(folder)
+    return {
+        str(path.relative_to(folder)): [path.stat().st_size, _digest(path)]
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != STATE_FILE
+    }
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (missing, truncated or changed files), or None when it is intact.
+    Checkpoints from before file manifests are taken as they are."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:
+        return f"{STATE_FILE} unreadable ({error})"
+    for name, (size, digest) in (state.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated?)"
+        if _digest(file) != digest:
+            return f"{name} changed since it was written (checksum differs)"
+    return None
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -35,16 +75,30 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: None for a fresh start, the newest for "latest", or a path."""
+def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start, the newest intact one for "latest" (each damaged
+    newer one is named and passed over), or a path (refused when damaged)."""
     if resume is None:
         return None
     if resume == "latest":
         found = complete_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            announce(f"warning: checkpoint {path} is damaged ({problem}); trying the one before it")
+        if found:
+            raise FileNotFoundError(
+                f"--resume latest: every checkpoint in {checkpoints_dir(output_dir)} is damaged; "
+                "start again without --resume (with --overwrite), or restore one"
+            )
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (missing {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume {resume}: the checkpoint is damaged ({problem}); pick another one")
     return path
 
 
@@ -67,6 +121,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state = {**state, "files": file_manifest(tmp)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dittune.cache.build import TEXT
+from dittune.errors import RunStopped
 from dittune.export.model_card import derive_trigger_words, write_model_card
 from dittune.media import load_image
 from dittune.models.base import TextEmbedding
@@ -26,6 +27,7 @@ from dittune.train.plot import plot_loss
 from dittune.train.prepare import validation_fps, validation_frames, validation_size
 from dittune.train.setup import Run, launch_engine
 from dittune.train.sharding import as_number_tensor, gather_state, is_sharded
+from dittune.train.signals import StopOnSignal
 from dittune.train.waiting import SideWorkWait
 from dittune.validate.runner import ValidationRequest, ValidationResult, run_validation
 
@@ -68,18 +70,25 @@ class Trainer:
         bar = tqdm(
             total=cfg.train.max_steps, initial=self.step, desc="Training", unit="step", disable=not self.progress
         )
-        while self.step < cfg.train.max_steps:
-            started = time.perf_counter()
-            loss, logs, samples = self.optimizer_step()
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps:
-                bar.set_postfix(loss=f"{self.log_step(loss, logs, samples, started):.4f}")
-            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
-                self.checkpoint()
-            every = cfg.validation.every_steps
-            if cfg.validation.prompts and every and self.step % every == 0 and self.step < cfg.train.max_steps:
-                self.validate()
+        with StopOnSignal() as stop:
+            while self.step < cfg.train.max_steps:
+                started = time.perf_counter()
+                loss, logs, samples = self.optimizer_step()
+                self.step += 1
+                bar.update(1)
+                logged = self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps
+                saved = self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps
+                if logged:
+                    bar.set_postfix(loss=f"{self.log_step(loss, logs, samples, started):.4f}")
+                if saved:
+                    self.checkpoint()
+                signalled = stop.requested(run.accelerator)
+                if signalled:
+                    bar.close()
+                    self.stop_on_signal(signalled, logged=logged, saved=saved, loss=(loss, logs, samples, started))
+                every = cfg.validation.every_steps
+                if cfg.validation.prompts and every and self.step % every == 0 and self.step < cfg.train.max_steps:
+                    self.validate()
         bar.close()
         if cfg.validation.prompts:
             self.validate()
@@ -88,6 +97,19 @@ class Trainer:
         for tracker in run.accelerator.trackers:  # not `end_training`: it ends the process group too, and a
             tracker.finish()  # script may train again in it (the console script closes it on exit)
         return TrainResult(final=final, steps=self.step, validation_errors=self.validation_errors)
+
+    def stop_on_signal(self, number: int, *, logged: bool, saved: bool, loss: tuple) -> None:
+        """After the step a signal interrupted: log it, write its checkpoint (unless just written), say how to go
+        on, and end the run with 128 + the signal number."""
+        if not logged:
+            self.log_step(*loss)
+        path = self.checkpoint() if not saved else self.run.cfg.output_dir / "checkpoints" / f"step_{self.step:08d}"
+        name = StopOnSignal.name(number)
+        raise RunStopped(
+            f"{name} after step {self.step}; the checkpoint is in {path}. "
+            "Resume with the same command and --resume latest.",
+            exit_status=128 + number,
+        )
 
     def optimizer_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], int]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches.
