@@ -124,3 +124,36 @@ def test_resume_latest_passes_over_a_damaged_checkpoint(
     assert "step_00000010" in out_text  # resumed from the intact one
     want, got = _lora(uninterrupted), _lora(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_two_processes_stop_together_on_sigterm(
+    straight: tuple[Path, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """torchrun passes SIGTERM to both processes: they stop after the same step, write one checkpoint together and
+    exit with 143."""
+    data, uninterrupted = straight
+    out = tmp_path / "two"
+    config = _config(tmp_path, tiny_models["v1.2"], data, out, batch_size=1, max_steps=100000)
+    config.write_text(
+        config.read_text().replace("[checkpoint]", f'[cache]\ndir = "{uninterrupted / "cache"}"\n[checkpoint]')
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    process = subprocess.Popen(
+        [*command, "-m", "dittune", "train", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    _wait_for_steps(out, 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert stderr.count("stopped: SIGTERM after step") == 2, stderr[-3000:]
+    steps = {int(part.split(";")[0]) for part in stderr.split("SIGTERM after step ")[1:]}
+    assert len(steps) == 1, steps  # both processes stopped after the same step
+    (step,) = steps
+    checkpoint = out / "checkpoints" / f"step_{step:08d}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
