@@ -53,8 +53,16 @@ def test_controlnet_starts_from_the_denoiser_as_a_no_op(cases: SpecCases, family
         assert frozen and all(
             n.startswith(("pos_embed", "text_embedder", "time_extra_emb", "text_emb")) for n in frozen
         )
-    else:
-        assert not frozen
+    else:  # only the last block's text-stream output, which no residual depends on
+        last = f"transformer_blocks.{len(controlnet.transformer_blocks) - 1}."
+        assert frozen and all(n.startswith((last + "attn.to_add_out", last + "ff_context")) for n in frozen)
+    # every trainable parameter gets a gradient (DDP requires it)
+    model.train()
+    with model.condition(control):
+        settings = spec.default_loss_settings("lora")
+        out = spec.compute_loss(model, spec.load_scheduler(), batch, torch.Generator().manual_seed(0), settings)
+    out.loss.backward()
+    assert [n for n, p in controlnet.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_wrapper_refuses_calls_without_a_condition(cases: SpecCases) -> None:
@@ -69,6 +77,9 @@ def test_families_without_a_controlnet_are_refused(family_models: dict[str, Path
     spec = spec_class("flux")(family_models["flux"])
     with pytest.raises(ValueError, match="has no ControlNet"):
         spec.build_controlnet(spec.load_denoiser(torch.float32), None)
+    sd3 = spec_class("sd3")(family_models["sd3"])
+    with pytest.raises(ValueError, match="read at most"):
+        sd3.build_controlnet(sd3.load_denoiser(torch.float32), 3)
     with pytest.raises(ValueError, match="one block per long skip"):
         hunyuan = spec_class("hunyuan-dit")(family_models["hunyuan-dit"])
         hunyuan.build_controlnet(hunyuan.load_denoiser(torch.float32), 5)

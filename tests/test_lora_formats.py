@@ -403,3 +403,61 @@ def test_hunyuan_video_default_targets_leave_the_mlp_rows_of_linear1_zero(traine
     back = lora_from_theirs(theirs, LAYOUT, record)
     assert back.keys() == attention.keys()
     assert all(torch.equal(back[k].delta(), attention[k].delta()) for k in attention)
+
+
+def test_peft_files_rank_stabilised_and_non_lora_kinds(trained: dict[str, Trained], tmp_path: Path) -> None:
+    """peft's `use_rslora` (scale alpha / √r) is read at its scale; DoRA or LyCORIS tensors are refused, not
+    silently dropped; the official config's target_modules names exactly the adapted modules."""
+    import re
+
+    from safetensors.torch import save_file
+
+    case = trained["hunyuan-dit"]
+    folder, _ = convert_lora(case.path, tmp_path / "official", "official")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    layout = case.spec.original_layout()
+    names = [k.removesuffix(".weight") for k, v in to_theirs_state(case.base_state, layout).items() if v.ndim == 2]
+    adapted = {n for n in names if re.fullmatch(config["target_modules"], n)}
+    assert adapted == set(resolve_lora(folder).theirs)
+    config["use_rslora"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    for name, module in resolve_lora(folder).theirs.items():
+        wanted = config["alpha_pattern"].get(name, config["lora_alpha"]) / module.rank**0.5
+        assert module.scale == pytest.approx(wanted)
+    kohya = load_file(convert_lora(case.path, tmp_path / "k.safetensors", "kohya")[0])
+    kohya["lora_unet_blocks_0_attn1_out_proj.dora_scale"] = torch.ones(1, 32)
+    save_file(kohya, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match=r"not plain LoRA.*DoRA"):
+        resolve_lora(tmp_path / "dora.safetensors")
+
+
+def test_fusion_edge_cases_keep_the_update(trained: dict[str, Trained], tmp_path: Path) -> None:
+    """Parts of different ranks and scales fuse and split to the same updates; a foreign fused adapter converted
+    to another foreign format keeps its rank; a fusion record that no longer fits the tensors is not trusted."""
+    from dittune.models.layout_convert import LoraModule, lora_from_theirs, lora_to_theirs
+
+    layout = trained["hunyuan-dit"].spec.original_layout()
+    g = torch.Generator().manual_seed(0)
+    parts = {
+        "blocks.0.attn1.to_q": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 16.0),
+        "blocks.0.attn1.to_k": LoraModule(torch.randn(6, 32, generator=g), torch.randn(32, 6, generator=g), 16.0),
+        "blocks.0.attn1.to_v": LoraModule(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 3.0),
+    }
+    fused, record = lora_to_theirs(parts, layout)
+    back = lora_from_theirs(fused, layout, record)
+    for name, module in parts.items():
+        torch.testing.assert_close(back[name].delta(), module.delta())
+    stale = {k: [type(p)(p.name, p.rows, p.rank + 1, p.alpha) for p in v] for k, v in record.items()}
+    for name, module in lora_from_theirs(fused, layout, stale).items():
+        torch.testing.assert_close(module.delta(), parts[name].delta())
+    # kohya (fused) → comfyui: the shared-A split fuses back at the same rank
+    kohya = convert_lora(trained["hunyuan-dit"].path, tmp_path / "a.safetensors", "kohya")[0]
+    plain = {k: v for k, v in load_file(kohya).items()}
+    from safetensors.torch import save_file
+
+    save_file(plain, tmp_path / "foreign.safetensors")  # no dittune metadata: no fusion record
+    comfy = load_file(convert_lora(tmp_path / "foreign.safetensors", tmp_path / "c.safetensors", "comfyui")[0])
+    assert (
+        comfy["diffusion_model.blocks.0.attn1.Wqkv.lora_A.weight"].shape
+        == plain["lora_unet_blocks_0_attn1_Wqkv.lora_down.weight"].shape
+    )

@@ -101,3 +101,28 @@ def test_train_from_an_official_file_then_export(family_models: dict[str, Path],
     base = _state(spec_class("hunyuan-dit")(folder))
     assert all(torch.equal(got[k], trained[k]) for k in trained)
     assert any(not torch.equal(trained[k], base[k]) for k in base), "training changed nothing"
+
+
+def test_dtypes_follow_from_pretrained_and_a_config_only_folder_is_enough(
+    video_models: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """bf16 from a single file keeps the modules diffusers keeps in fp32 (Wan's norms, tables, RoPE), as
+    `from_pretrained` does; a components folder whose denoiser has only its config.json still detects the version."""
+    import shutil
+
+    wan = video_models["wan"]
+    file = tmp_path / "wan.safetensors"
+    assert main(["export", str(wan), "--to", "single-file", "--out", str(file)]) == 0
+    folder = spec_class("wan")(wan).load_denoiser(torch.bfloat16)
+    single = spec_class("wan")(wan, checkpoint=file).load_denoiser(torch.bfloat16)
+    want = {k: v.dtype for k, v in folder.state_dict().items()}
+    assert {k: v.dtype for k, v in single.state_dict().items()} == want
+    assert torch.float32 in want.values() and torch.bfloat16 in want.values()
+    assert [b.dtype for b in single.buffers()] == [b.dtype for b in folder.buffers()]
+
+    v11 = tmp_path / "v11.pt"
+    assert main(["export", str(tiny_models["v1.1"]), "--to", "official", "--out", str(v11)]) == 0
+    components = shutil.copytree(tiny_models["v1.1"], tmp_path / "components")
+    for weights in (components / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    assert spec_class("hunyuan-dit")(components, checkpoint=v11).inspect().version == "v1.0/v1.1"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +132,13 @@ def _group(tensors: dict[str, torch.Tensor], naming: str, metadata: dict[str, st
                 alpha = alphas(name, down.shape[0])
             modules[name] = LoraModule(down, up, alpha)
             used.update({key, up_key})
-    ignored += [k for k in wanted if k not in used]
+    unexplained = [k for k in wanted if k not in used]
+    if unexplained:
+        kinds = sorted({k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in unexplained})
+        raise ValueError(
+            f"{len(unexplained)} tensors are not plain LoRA (e.g. {unexplained[0]}; kinds: {', '.join(kinds[:5])}): "
+            "DoRA, LoCon/LyCORIS or full-weight differences are not supported; export a plain LoRA"
+        )
     if not modules:
         raise ValueError("no denoiser LoRA tensors found (only other components' or unknown keys)")
     return LoraTensors(naming, modules, metadata, prefix, ignored)
@@ -153,12 +160,13 @@ def _peft_alphas(config: dict, metadata: dict[str, str], prefix: str):
         config = {k.removeprefix(prefix): v for k, v in raw.items()}
     default = config.get("lora_alpha")
     patterns = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))  # peft's rank-stabilised scale alpha / √r, kept as alpha' / r
 
     def alpha(name: str, rank: int) -> float:
-        for pattern, value in patterns.items():
-            if name == pattern or name.endswith("." + pattern):
-                return float(value)
-        return float(rank) if default is None else float(default)
+        value = next((v for p, v in patterns.items() if name == p or name.endswith("." + p)), default)
+        if value is None:
+            return float(rank)
+        return float(value) * rank**0.5 if rslora else float(value)
 
     return alpha
 
@@ -209,7 +217,8 @@ def peft_config(modules: dict[str, LoraModule], source: dict) -> dict:
         "lora_alpha": alpha,
         "rank_pattern": {name: m.rank for name, m in modules.items() if m.rank != rank},
         "alpha_pattern": {name: m.alpha for name, m in modules.items() if m.alpha != alpha or m.rank != rank},
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        # the exact modules, as a regex peft full-matches (a list of name endings such as "0" would match whole blocks)
+        "target_modules": "^(?:" + "|".join(re.escape(name) for name in sorted(modules)) + ")$",
         "lora_dropout": 0.0,
         "bias": "none",
         "base_model_name_or_path": source.get("base_model", ""),

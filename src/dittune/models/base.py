@@ -237,12 +237,12 @@ class ModelSpec(FamilyFacts, ABC):
         if self.checkpoint is not None:
             from accelerate import init_empty_weights
 
-            from dittune.models.single_file import load_checkpoint_into
+            from dittune.models.single_file import cast_like_from_pretrained, load_checkpoint_into
 
             with init_empty_weights(include_buffers=False):
                 model = cls.from_config(cls.load_config(folder))
             load_checkpoint_into(model, self.checkpoint, self.original_layout())
-            return model.to(dtype)
+            return cast_like_from_pretrained(model, dtype)
         return cls.from_pretrained(folder, torch_dtype=dtype)
 
     def denoiser_weight_names(self) -> set[str] | None:
@@ -254,7 +254,14 @@ class ModelSpec(FamilyFacts, ABC):
             return weight_keys(self.path / self.denoiser_component)
         from dittune.models.single_file import checkpoint_names, diffusers_names
 
-        expected = set(weight_keys(self.path / self.denoiser_component) or ())
+        expected = weight_keys(self.path / self.denoiser_component)
+        if expected is None:  # a components folder with the denoiser's config.json only: its names from the class
+            import diffusers
+            from accelerate import init_empty_weights
+
+            cls = getattr(diffusers, self.denoiser_class)
+            with init_empty_weights():
+                expected = set(cls.from_config(cls.load_config(self.path / self.denoiser_component)).state_dict())
         return set(diffusers_names(checkpoint_names(self.checkpoint), self.original_layout(), expected))
 
     def load_scheduler(self) -> Any:

@@ -153,7 +153,9 @@ def lora_to_theirs(
             matches[match.theirs] = match
     record: dict[str, list[FusedPart]] = {}
     for theirs, present in groups.items():
-        out[theirs], record[theirs] = _fuse(matches[theirs].rule, present, modules)
+        out[theirs], parts = _fuse(matches[theirs].rule, present, modules)
+        if parts:
+            record[theirs] = parts
     return out, record
 
 
@@ -171,9 +173,20 @@ def _fuse(rule: Fuse, present: dict[int, str], modules: dict[str, LoraModule]) -
         module = modules[present[part]]
         parts.append(FusedPart(present[part], module.up.shape[0], module.rank, module.alpha))
         downs.append(module.down)
-        ups.append(module.up if module.scale == scale else module.up * (module.scale / scale))
+        # another scale: B rescaled in fp32 (and kept so), so the update stays exact
+        ups.append(module.up if module.scale == scale else module.up.float() * (module.scale / scale))
+    shared = [modules[present[part]] for part in sorted(present)]
+    if len(present) == len(rule.ours) and all(
+        torch.equal(m.down, first.down) and m.scale == scale for m in shared
+    ):  # one A for every part (a fused adapter split earlier): stacking B is exact at the same rank
+        return LoraModule(first.down, torch.cat([m.up for m in shared], dim=0), first.alpha), []
     rank = sum(p.rank for p in parts)
-    up = torch.zeros(sum(p.rows for p in parts), rank, dtype=first.up.dtype)
+    dtype = (
+        torch.promote_types(first.up.dtype, torch.float32)
+        if any(u.dtype != first.up.dtype for u in ups)
+        else first.up.dtype
+    )
+    up = torch.zeros(sum(p.rows for p in parts), rank, dtype=dtype)
     row = column = 0
     pieces = iter(ups)
     for part in parts:
@@ -196,11 +209,16 @@ def lora_from_theirs(
         elif isinstance(match.rule, Rename):
             swap = match.rule.swaps(module.up.shape[0], module.down.shape[1])
             out[match.ours[0]] = LoraModule(module.down, _swap_halves(module.up) if swap else module.up, module.alpha)
-        elif record and name in record:
+        elif record and name in record and _fits(module, record[name]):
             out.update(_split_recorded(module, record[name]))
         else:
             out.update(_split(module, match))
     return out
+
+
+def _fits(module: LoraModule, parts: list[FusedPart]) -> bool:
+    """Whether a fusion record still describes the tensors (a resize or merge tool may have kept the metadata)."""
+    return sum(p.rank for p in parts) == module.rank and sum(p.rows for p in parts) == module.up.shape[0]
 
 
 def _split_recorded(module: LoraModule, parts: list[FusedPart]) -> dict[str, LoraModule]:
@@ -212,7 +230,7 @@ def _split_recorded(module: LoraModule, parts: list[FusedPart]) -> dict[str, Lor
             up = module.up[row : row + part.rows, column : column + part.rank].contiguous()
             scale = part.alpha / part.rank
             if scale != module.scale:
-                up = up * (module.scale / scale)
+                up = up.float() * (module.scale / scale)
             out[part.name] = LoraModule(down, up, part.alpha)
             column += part.rank
         row += part.rows

@@ -9,7 +9,9 @@ is, any other goes through the family's `Layout`. Every tensor must find its pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,6 +92,8 @@ def diffusers_names(names: list[str], layout: Layout | None, expected: set[str])
 
 def _strip_diffusers_prefix(names: list[str], expected: set[str]) -> list[str] | None:
     """`names` without a common prefix when they are then the diffusers model's own names; else None."""
+    if not expected:
+        return None
     for prefix in ("", *DIFFUSERS_PREFIXES):
         plain = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
         if len(plain) == len(names) and len(set(plain) & expected) >= 0.9 * len(expected):
@@ -125,3 +129,26 @@ def load_checkpoint_into(model: nn.Module, path: Path, layout: Layout | None) ->
             f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}); use the components of the same version"
         )
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`dtype` for the loaded tensors, except the class's `_keep_in_fp32_modules` (kept in fp32, as
+    `from_pretrained(torch_dtype=...)` does); non-persistent buffers (e.g. RoPE tables) stay as built."""
+    cast_floating(model, dtype, diffusers_keep(getattr(type(model), "_keep_in_fp32_modules", None)))
+    return model
+
+
+def cast_floating(model: torch.nn.Module, dtype: torch.dtype | None, keep: Callable[[str], bool]) -> None:
+    """The checkpoint's floating tensors (parameters and persistent buffers) in fp32 where their names match
+    `keep`, else in `dtype` (None: as they are), as loading them does; other buffers stay as built."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            wanted = torch.float32 if keep(name) else dtype or tensor.dtype
+            if tensor.dtype != wanted:
+                tensor.data = tensor.data.to(wanted)
+
+
+def diffusers_keep(patterns: Any) -> Callable[[str], bool]:
+    """diffusers' rule: a name with a `_keep_in_fp32_modules` entry as one of its dotted parts."""
+    kept = set(patterns or ())
+    return lambda name: bool(kept.intersection(name.split(".")))

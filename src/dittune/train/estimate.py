@@ -265,7 +265,8 @@ def _denoiser(ctx: _Context) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]
     cfg, spec = ctx.cfg, ctx.spec
     denoiser, trainable = load_trained_denoiser(cfg, spec, ctx.dtype, ctx.device, quantise=False)
     if cfg.train.gradient_checkpointing:
-        spec.enable_partial_checkpointing(ctx.method.trained_core(denoiser), cfg.train.gradient_checkpointing_ratio)
+        for module in ctx.method.checkpointed(denoiser):
+            spec.enable_partial_checkpointing(module, cfg.train.gradient_checkpointing_ratio)
     denoiser.to(ctx.device).train()
     return denoiser, trainable
 

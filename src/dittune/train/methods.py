@@ -46,8 +46,12 @@ class TrainingMethod(ABC):
         """The module `compute_loss` runs and its trainable parameters (frozen weights in `dtype`)."""
 
     def trained_core(self, model: nn.Module) -> nn.Module:
-        """The module whose blocks checkpointing and compilation act on (the denoiser, or the ControlNet)."""
+        """The module whose blocks compilation and block swapping act on (the denoiser, or the ControlNet)."""
         return model
+
+    def checkpointed(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose blocks `train.gradient_checkpointing` recomputes in backward."""
+        return [self.trained_core(model)]
 
     gathered_keys: ClassVar[Callable[[str], bool] | None] = None
     """The state-dict keys export gathers from a sharded or wrapped model (None: all)."""
@@ -133,7 +137,7 @@ class LoraMethod(TrainingMethod):
             rank=cfg.lora.rank,
             alpha=lora_alpha(cfg),
             targets=list(cfg.lora.targets or spec.default_lora_targets),
-            base_model=str(spec.path),
+            base_model=str(cfg.model.checkpoint or spec.path),
             version=run.info.version,
             extra={"steps": steps, "config": json.loads(cfg.model_dump_json())},
         )
@@ -169,6 +173,11 @@ class ControlNetMethod(TrainingMethod):
 
     def trained_core(self, model):
         return model.controlnet
+
+    def checkpointed(self, model):
+        """The ControlNet and the frozen denoiser: backward runs through the denoiser's blocks after the first
+        residual, whose activations would otherwise all be kept."""
+        return [model.controlnet, model.denoiser]
 
     def register_checkpoint_hooks(self, accelerator):
         """Checkpoints hold the ControlNet only; the frozen denoiser comes from the model folder."""

@@ -196,7 +196,8 @@ def build_run(
     core = method.trained_core(denoiser)
     checkpointed_blocks = 0
     if cfg.train.gradient_checkpointing:
-        checkpointed_blocks = spec.enable_partial_checkpointing(core, cfg.train.gradient_checkpointing_ratio)
+        for module in method.checkpointed(denoiser):
+            checkpointed_blocks += spec.enable_partial_checkpointing(module, cfg.train.gradient_checkpointing_ratio)
     compiled_blocks = 0
     if cfg.train.compile:
         from dittune.models.compile import compile_blocks

@@ -28,6 +28,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dittune.models.single_file import cast_floating, diffusers_keep
+
 
 def fake_mode() -> FakeTensorMode:
     """A `FakeTensorMode` that accepts real inputs and keeps no memo of the fakes it makes (a memo entry holds a
@@ -35,22 +37,6 @@ def fake_mode() -> FakeTensorMode:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.fake_tensor_converter.set_tensor_memo = lambda tensor, fake: None  # type: ignore[method-assign]
     return mode
-
-
-def _cast(model: torch.nn.Module, dtype: torch.dtype | None, keep: Callable[[str], bool]) -> None:
-    """The checkpoint's floating tensors (parameters and persistent buffers) in fp32 where their names match
-    `keep`, else in `dtype` (None: as they are), as loading them does; other buffers stay as built."""
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.is_floating_point():
-            wanted = torch.float32 if keep(name) else dtype or tensor.dtype
-            if tensor.dtype != wanted:
-                tensor.data = tensor.data.to(wanted)
-
-
-def _diffusers_keep(patterns: Any) -> Callable[[str], bool]:
-    """diffusers' rule: a name with a `_keep_in_fp32_modules` entry as one of its dotted parts."""
-    kept = set(patterns or ())
-    return lambda name: bool(kept.intersection(name.split(".")))
 
 
 def _transformers_keep(model: Any, dtype: torch.dtype) -> Callable[[str], bool]:
@@ -76,7 +62,7 @@ def _diffusers_from_config(mode: FakeTensorMode, cls: type, path: str | Path, *a
     with mode:
         model = cls.from_config(cls.load_config(folder))
         if isinstance(dtype, torch.dtype):
-            _cast(model, dtype, _diffusers_keep(getattr(cls, "_keep_in_fp32_modules", None)))
+            cast_floating(model, dtype, diffusers_keep(getattr(cls, "_keep_in_fp32_modules", None)))
     return model.eval()
 
 
@@ -94,7 +80,7 @@ def _transformers_from_config(mode: FakeTensorMode, cls: type, path: str | Path,
     with mode:
         model = cls._from_config(config, **init)
         if isinstance(dtype, torch.dtype):  # built in `dtype`; only the kept-in-fp32 patterns change
-            _cast(model, None, _transformers_keep(model, dtype))
+            cast_floating(model, None, _transformers_keep(model, dtype))
     return model.eval()
 
 

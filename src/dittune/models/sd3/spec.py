@@ -137,9 +137,11 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
         return training_shift(settings, scheduler_config)
 
     def build_controlnet(self, denoiser: nn.Module, layers: int | None) -> tuple[nn.Module, list[nn.Parameter]]:
-        """As diffusers' SD3 ControlNet trainer: the denoiser's config with `layers` blocks (default half), its
-        embedders and first blocks copied, zero-initialised input embedding and block outputs; everything trains.
-        The pooled projection is fed to it (not zeroed), in training and in the pipeline alike."""
+        """As diffusers' SD3 ControlNet trainer: the denoiser's config with `layers` blocks (default and at most half,
+        so the denoiser reads every block's residual), its embedders and first blocks copied, zero-initialised input
+        embedding and block outputs. Everything trains but the last block's text-stream output (its attention output
+        projection and feed-forward), which no residual depends on. The pooled projection is fed to it (not zeroed),
+        in training and in the pipeline alike."""
         from diffusers import SD3ControlNetModel
 
         from dittune.models.controlnet import copy_weights
@@ -147,8 +149,11 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
         config = dict(denoiser.config)
         total = int(config["num_layers"])
         blocks = layers or max(1, total // 2)
-        if blocks >= total:
-            raise ValueError(f"controlnet.layers: {blocks} is not fewer than the denoiser's {total} blocks")
+        if blocks > max(1, total // 2):
+            raise ValueError(
+                f"controlnet.layers: {blocks} blocks; the denoiser's {total} blocks read at most {max(1, total // 2)} "
+                "residuals (the others would never train)"
+            )
         accepted = set(inspect.signature(SD3ControlNetModel.__init__).parameters)
         settings = {k: v for k, v in config.items() if k in accepted}
         settings.update(num_layers=blocks, extra_conditioning_channels=0, force_zeros_for_pooled_projection=False)
@@ -157,7 +162,11 @@ class SD3Spec(SD3Facts, AutoencoderKLFamily, ModelSpec):
             denoiser, controlnet, ("pos_embed.", "time_text_embed.", "context_embedder.", "transformer_blocks.")
         )
         controlnet.requires_grad_(True)
-        return controlnet, list(controlnet.parameters())
+        last = controlnet.transformer_blocks[-1]
+        for unused in (last.attn.to_add_out, last.ff_context):  # the text stream's output after the last block
+            if unused is not None:
+                unused.requires_grad_(False)
+        return controlnet, [p for p in controlnet.parameters() if p.requires_grad]
 
     def compute_loss(
         self,
