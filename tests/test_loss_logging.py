@@ -84,6 +84,7 @@ def test_steps_between_logs_do_not_read_back(
             trainer.step += 1
         assert device_read_backs(seen) == [], f"{family}: a step that is not logged read tensors back"
         assert isinstance(loss, torch.Tensor) and all(isinstance(v, torch.Tensor | float) for v in logs.values())
+        assert isinstance(trainer.nonfinite.first_bad, torch.Tensor)  # the default "stop" watch ran, on the device
 
     outputs.clear()
     norms.clear()

@@ -423,6 +423,22 @@ class TrainSection(Section):
         description="Per-encoder override of caption_dropout, e.g. {clip = 0.1, t5 = 0.1} for Hunyuan-DiT.",
     )
     log_every_steps: int = Field(1, description="Write metrics every N optimizer steps.", ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description=(
+            "What a NaN or infinite loss or gradient norm does. "
+            '"stop": the run stops with exit status 1 at the next logged step, checkpoint or export (these also '
+            "check the trainable weights), naming the first bad step and the last good checkpoint; nothing is "
+            "written from a bad step on, and steps read nothing more back from the device. "
+            '"skip": such a step changes nothing (weights, optimizer state, learning-rate schedule; counted as '
+            "`nonfinite_skips` in metrics.jsonl) and the run stops after max_nonfinite_skips in a row; this reads "
+            "one flag back from the device every step (not with DeepSpeed, which steps inside backward). With fp16 "
+            "only the loss counts: the loss scaler skips steps with overflowing gradients itself."
+        ),
+    )
+    max_nonfinite_skips: int = Field(
+        5, description='on_nonfinite = "skip": stop after this many non-finite steps in a row.', ge=1
+    )
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Experiment trackers besides metrics.jsonl."
     )

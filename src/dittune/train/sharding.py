@@ -153,6 +153,10 @@ def engine_problems(cfg: Any, engine: str) -> list[tuple[str, str]]:
     if cfg.train.optimizer_offload:
         offload = "fsdp_offload_params" if engine == "fsdp" else "offload_optimizer_device"
         problems.append(("train.optimizer_offload", f"use {engine}'s own offload ({offload} in the accelerate config)"))
+    if engine == "deepspeed" and cfg.train.on_nonfinite == "skip":
+        problems.append(
+            ("train.on_nonfinite", 'DeepSpeed steps inside backward, before a step can be skipped; use "stop"')
+        )
     if cfg.train.method == "controlnet":
         problems.append(
             ("train.method", f"ControlNet training is not sharded yet; launch with DDP instead of {engine}")

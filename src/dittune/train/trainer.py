@@ -22,6 +22,7 @@ from dittune.models.draws import SampleDraws
 from dittune.train.batches import CachedBatches, dropout_by_encoder
 from dittune.train.checkpoint import save_checkpoint
 from dittune.train.metrics import MetricsLog, PhaseMemory
+from dittune.train.nonfinite import NonFiniteWatch
 from dittune.train.optim import averaged_weights, set_optimizer_mode
 from dittune.train.plot import plot_loss
 from dittune.train.prepare import validation_fps, validation_frames, validation_size
@@ -60,6 +61,13 @@ class Trainer:
         self.last_grid: Path | None = None
         processes = run.accelerator.num_processes if cfg.validation.prompts else 1
         self.wait_for_validation = SideWorkWait(processes, cfg.validation.timeout_minutes)
+        self.nonfinite = NonFiniteWatch(
+            cfg.train.on_nonfinite,
+            cfg.train.max_nonfinite_skips,
+            run.accelerator,
+            cfg.output_dir,
+            cfg.train.learning_rate,
+        )
 
     # --------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -70,26 +78,27 @@ class Trainer:
         bar = tqdm(
             total=cfg.train.max_steps, initial=self.step, desc="Training", unit="step", disable=not self.progress
         )
-        with StopOnSignal() as stop:
-            while self.step < cfg.train.max_steps:
-                started = time.perf_counter()
-                loss, logs, samples = self.optimizer_step()
-                self.step += 1
-                bar.update(1)
-                logged = self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps
-                saved = self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps
-                if logged:
-                    bar.set_postfix(loss=f"{self.log_step(loss, logs, samples, started):.4f}")
-                if saved:
-                    self.checkpoint()
-                signalled = stop.requested(run.accelerator)
-                if signalled:
-                    bar.close()
-                    self.stop_on_signal(signalled, logged=logged, saved=saved, loss=(loss, logs, samples, started))
-                every = cfg.validation.every_steps
-                if cfg.validation.prompts and every and self.step % every == 0 and self.step < cfg.train.max_steps:
-                    self.validate()
-        bar.close()
+        try:
+            with StopOnSignal() as stop:
+                while self.step < cfg.train.max_steps:
+                    started = time.perf_counter()
+                    loss, logs, samples = self.optimizer_step()
+                    self.step += 1
+                    bar.update(1)
+                    logged = self.step % cfg.train.log_every_steps == 0 or self.step == cfg.train.max_steps
+                    saved = self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps
+                    if logged:
+                        bar.set_postfix(loss=f"{self.log_step(loss, logs, samples, started):.4f}")
+                    if saved:
+                        self.checkpoint()
+                    signalled = stop.requested(run.accelerator)
+                    if signalled:
+                        self.stop_on_signal(signalled, logged=logged, saved=saved, loss=(loss, logs, samples, started))
+                    every = cfg.validation.every_steps
+                    if cfg.validation.prompts and every and self.step % every == 0 and self.step < cfg.train.max_steps:
+                        self.validate()
+        finally:
+            bar.close()  # also when a signal or a non-finite loss ends the loop
         if cfg.validation.prompts:
             self.validate()
         self.plot_loss()
@@ -141,8 +150,10 @@ class Trainer:
                 logs[key] = logs.get(key, 0.0) + value / accumulation
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
         logs["grad_norm"] = as_number_tensor(run.accelerator.clip_grad_norm_(run.trainable, max_norm))
-        run.optimizer.step()
-        run.lr_scheduler.step()
+        finite = self.nonfinite.observe(self.step + 1, total, logs["grad_norm"])  # on the device, no read-back
+        if not self.nonfinite.skip(self.step + 1, finite):  # "skip" mode reads `finite` back
+            run.optimizer.step()
+            run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         return total, logs, samples
 
@@ -151,12 +162,16 @@ class Trainer:
     ) -> float:
         """Write the metrics of the step just taken; returns its loss.
 
-        Tensors become numbers only here (in one read-back), so steps that are not logged never wait for the device.
+        Tensors become numbers only here (in one read-back, with the non-finite check's), so steps that are not
+        logged never wait for the device. Raises `RunStopped` after the line if a step since the last check was
+        not finite (`train.on_nonfinite = "stop"`).
         """
-        loss_value, *numbers = read_numbers([loss, *logs.values()])
-        values = dict(zip(logs, numbers))
+        checks = self.nonfinite.pending()
+        loss_value, *numbers = read_numbers([loss, *logs.values(), *checks])
+        values = dict(zip(logs, numbers[: len(logs)]))
         elapsed = time.perf_counter() - started
-        self.metrics.log(self.step, self._metrics(loss_value, values, samples, elapsed))
+        self.metrics.log(self.step, {**self._metrics(loss_value, values, samples, elapsed), **self.nonfinite.metrics()})
+        self.nonfinite.verdict(self.step, numbers[len(logs) :])
         return loss_value
 
     def _metrics(self, loss: float, logs: dict[str, float], samples: int, elapsed: float) -> dict[str, Any]:
@@ -191,6 +206,7 @@ class Trainer:
         }
         keep = run.cfg.checkpoint.keep_last
         with averaged_weights(run.optimizer):  # schedule-free: save (and resume from) the averaged weights
+            self.nonfinite.check(self.step, run.trainable)  # never a checkpoint of non-finite weights
             return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, keep)
 
     def validate(self) -> ValidationResult | None:
@@ -290,6 +306,7 @@ class Trainer:
         run, cfg = self.run, self.run.cfg
         final = cfg.output_dir / "final"
         set_optimizer_mode(run.optimizer, training=False)  # schedule-free: export the averaged weights
+        self.nonfinite.check(self.step, run.trainable)  # never final weights that are not finite
         run.accelerator.wait_for_everyone()
         sharded = is_sharded(run.denoiser)
         state = None
