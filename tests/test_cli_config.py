@@ -141,14 +141,15 @@ def test_train_and_cache_call_the_runner(project: Path, monkeypatch: pytest.Monk
     fake_module(
         monkeypatch,
         "dittune.train.runner",
-        run_train=lambda cfg, resume: calls.append(("train", cfg.train.max_steps, resume)),
+        run_train=lambda cfg, resume, overwrite: calls.append(("train", cfg.train.max_steps, resume, overwrite)),
         run_cache=lambda cfg: calls.append(("cache", cfg.train.max_steps)),
     )
     config = str(project / "good.toml")
     assert main(["train", config, "--set", "train.max_steps=9", "--resume", "latest"]) == 0
     assert main(["train", config]) == 0
+    assert main(["train", config, "--overwrite"]) == 0
     assert main(["cache", config]) == 0
-    assert calls == [("train", 9, "latest"), ("train", 7, None), ("cache", 7)]
+    assert calls == [("train", 9, "latest", False), ("train", 7, None, False), ("train", 7, None, True), ("cache", 7)]
 
 
 def test_sample_passes_every_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ value) are printed as `error: ...` with exit status 2; set DITTUNE_DEBUG=1 for t
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import threading
@@ -49,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from dittune.train.runner import run_train
 
-    run_train(cfg, resume=args.resume)
+    run_train(cfg, resume=args.resume, overwrite=args.overwrite)
     return EXIT_OK
 
 
@@ -195,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train (LoRA or full) from a config")
     _add_config_args(train)
     train.add_argument("--resume", metavar="latest|PATH", help="resume from the newest or a given checkpoint")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start anew in an output_dir that holds another run: remove its checkpoints, final/, validation/, "
+        "metrics and logs first (the cache is kept)",
+    )
     train.set_defaults(handler=_cmd_train)
 
     cache = commands.add_parser("cache", help="encode text embeddings and VAE latents ahead of training")
@@ -275,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dittune` with `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    # dittune reads local folders only: no network at run time (the hub libraries honour these)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -304,8 +314,34 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = os_error_message(exc) if isinstance(exc, OSError) and exc.errno else str(exc)
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk, no permission, a file where a folder must be: the path and the fix
+        if debug:
+            raise
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "the disk is full: free space (or point output_dir / cache.dir elsewhere) and resume",
+    errno.EDQUOT: "the disk quota is exceeded: free space and resume",
+    errno.EACCES: "no permission: choose a folder you can write, or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed: move it away or choose another path",
+    errno.EEXIST: "a file stands where a folder is needed (or the name is taken): move it away or choose another path",
+}
+
+
+def os_error_message(error: OSError) -> str:
+    """One line naming what failed, the path(s) and the fix (a traceback only with DITTUNE_DEBUG=1)."""
+    paths = " → ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    what = error.strerror or str(error)
+    fix = OS_ERROR_FIXES.get(error.errno or -1, "")
+    return f"{what}: {paths}" + (f"; {fix}" if fix else "") if paths else what + (f"; {fix}" if fix else "")
 
 
 def run() -> None:

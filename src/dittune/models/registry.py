@@ -59,15 +59,19 @@ def facts_class(family: str) -> type[FamilyFacts]:
     return getattr(module, spec_name.removesuffix("Spec") + "Facts")
 
 
+class UnknownFamily(ValueError):
+    """A family name dittune does not know (the message lists the known ones)."""
+
+
 def _known(family: str) -> str:
     try:
         return _FAMILIES[family]
     except KeyError:
-        raise KeyError(f"unknown model family {family!r}; known: {', '.join(family_names())}") from None
+        raise UnknownFamily(f"unknown model family {family!r}; known: {', '.join(family_names())}") from None
 
 
 def spec_class(family: str) -> type[ModelSpec]:
-    """The spec class for `family`; raises KeyError with the known names."""
+    """The spec class for `family`; raises `UnknownFamily` (a ValueError) with the known names."""
     target = _known(family)
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from dittune.config.errors import ConfigError, Problem
 from dittune.config.schema import DittuneConfig
+from dittune.errors import RunStopped
 from dittune.train.checkpoint import STATE_FILE, load_checkpoint, resolve_resume
+from dittune.train.lock import RunLock, previous_run, remove_run_outputs
 from dittune.train.preflight import device_checks, preflight
 
 RESUME_CRITICAL = (
@@ -84,26 +88,32 @@ def global_batch(train: dict[str, Any], processes: int) -> tuple[int, str]:
     return batch * processes * accumulation, f"batch {batch} × {processes} process(es) × accumulation {accumulation}"
 
 
-def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = True) -> Any:
-    """Train as configured; returns the `TrainResult` (final output folder, steps, validation errors)."""
-    from dittune.train.setup import (
-        build_run,
-        distributed_state,
-        launch_engine,
-        make_accelerator,
-        run_precision,
-        training_device,
-    )
+def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> Any:
+    """Train as configured; returns the `TrainResult` (final output folder, steps, validation errors).
+
+    The output_dir is locked for the run (a second run on it is refused); without `resume`, a folder holding
+    another run's checkpoints, final weights or metrics is refused, unless `overwrite` removes them first.
+    """
+    from dittune.train.setup import launch_engine, run_precision, training_device
     from dittune.train.sharding import engine_problems
-    from dittune.train.summary import startup_summary
-    from dittune.train.trainer import Trainer
 
     device = training_device()
     check(cfg, device.type)
     engine_conflicts = engine_problems(cfg, launch_engine())
     if engine_conflicts:
         raise ConfigError([Problem(key, message) for key, message in engine_conflicts])
+    if resume is not None and overwrite:
+        raise ValueError("--overwrite starts a new run and --resume continues one: pass only one of them")
     precision = run_precision(cfg, device)
+    with claimed_output_dir(cfg.output_dir, lambda: _new_run_checks(cfg, resume, overwrite)):
+        return _train(cfg, resume, progress, precision)
+
+
+def _train(cfg: DittuneConfig, resume: str | None, progress: bool, precision: Any) -> Any:
+    from dittune.train.setup import build_run, distributed_state, launch_engine, make_accelerator
+    from dittune.train.summary import startup_summary
+    from dittune.train.trainer import Trainer
+
     resume_path = resolve_resume(cfg.output_dir, resume)
     if resume == "latest" and resume_path is None:
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
@@ -135,17 +145,80 @@ def run_train(cfg: DittuneConfig, resume: str | None = None, progress: bool = Tr
     return result
 
 
-def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
-    """Build or refresh the caches only; returns the `PreparedData`."""
+@contextmanager
+def claimed_output_dir(output_dir: Path, checks: Callable[[], None] | None = None) -> Iterator[RunLock | None]:
+    """Hold `output_dir`'s lock for the block, on the main process of a multi-process run only (global rank 0);
+    `checks` then runs there too, with the lock held. A refusal on the main process stops every process: its
+    outcome is broadcast before anyone goes on, so no process waits at a barrier the others never reach."""
+    from dittune.train.setup import distributed_state
 
-    from dittune.train.prepare import fill_caches
-    from dittune.train.setup import cache_shard, load_spec, run_precision, training_device, weight_dtype_name
+    state = distributed_state()
+    lock, refusal = None, None
+    if state.is_main_process:
+        try:
+            lock = RunLock(output_dir).acquire()
+            for note in lock.notes:
+                print(note)
+            if checks is not None:
+                checks()
+        except Exception as error:  # shared with the other processes below, then raised here
+            refusal = error
+            if lock is not None:
+                lock.release()
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list([None if refusal is None else str(refusal)])[0]
+        if outcome is not None and refusal is None:
+            raise RunStopped(f"process {state.process_index}: the main process refused to start (see its message)", 2)
+    if refusal is not None:
+        raise refusal
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _new_run_checks(cfg: DittuneConfig, resume: str | None, overwrite: bool) -> None:
+    """Without `--resume`: refuse an output_dir holding another run's outputs, or remove them (`--overwrite`)."""
+    if resume is not None:
+        return
+    if overwrite:
+        removed = remove_run_outputs(cfg.output_dir, cfg.cache_dir)
+        if removed:
+            print(f"--overwrite: removed the previous run's outputs from {cfg.output_dir}:")
+            for path in removed:
+                print(f"  {path.relative_to(cfg.output_dir)}")
+        return
+    found = previous_run(cfg.output_dir)
+    if found:
+        raise FileExistsError(
+            f"output_dir {cfg.output_dir} holds another run ({'; '.join(found)}). To continue it pass "
+            "`--resume latest`; to start anew choose another output_dir, or pass `--overwrite` to remove that "
+            "run's checkpoints, final weights, validation images, metrics and logs (the cache is kept)."
+        )
+
+
+def run_cache(cfg: DittuneConfig, progress: bool = True) -> Any:
+    """Build or refresh the caches only; returns the `PreparedData`. When the cache lives in the output_dir
+    (the default), that folder is locked meanwhile."""
+    from dittune.train.setup import run_precision, training_device
 
     device = training_device()
     check(cfg, device.type)
     precision = run_precision(cfg, device)
     if precision.warning:
         print(f"warning: {precision.warning}")
+    inside = cfg.cache_dir.resolve().is_relative_to(cfg.output_dir.resolve())
+    with claimed_output_dir(cfg.output_dir) if inside else nullcontext():
+        return _cache(cfg, device, precision, progress)
+
+
+def _cache(cfg: DittuneConfig, device: Any, precision: Any, progress: bool) -> Any:
+    from dittune.train.prepare import fill_caches
+    from dittune.train.setup import cache_shard, load_spec, weight_dtype_name
+
     spec, info = load_spec(cfg)
     for warning in info.warnings:
         print(f"warning: {warning}")
