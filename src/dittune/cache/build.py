@@ -8,6 +8,11 @@ Keys hash everything that produced an entry:
   sampling mode and start frame decide), the spec's VAE identity (plus tiling when on), the VAE compute
   dtype and the storage dtype. A ControlNet conditioning image is a latent job like any other: its source
   is the control file and its geometry its target's, plus ``"role": "control"``.
+
+Every entry is encoded alone (one image, clip or prompt per encoder call): batched encoders are not
+bit-identical to unbatched ones, so an entry's bytes would otherwise depend on which other entries happened
+to be missing with it (a run killed while caching would resume on different latents). The store checks
+every entry's checksum before it counts as cached, so a damaged entry is reported, deleted and re-encoded.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from dittune.models.base import ModelSpec
 
 TEXT = "text"
 LATENT = "latents"
-FORMAT_VERSION = 1
-"""Bump when the stored layout changes; it is part of every key."""
+FORMAT_VERSION = 2
+"""Bump when the stored layout or the way entries are encoded changes; it is part of every key, so older
+entries simply miss (and stay on disk until the cache folder is cleaned). 2: entries carry a checksum and are
+encoded one at a time."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +48,8 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    """(entry file, reason) of the damaged entries found, deleted and re-encoded (counted in `misses`)."""
     seconds: float = 0.0
     unit: str = ""
     """What was encoded ("clip" or "img") when a rate is worth showing; "" shows none."""
@@ -51,6 +60,8 @@ class CacheStats:
         text = f"{what}: {self.hits} cached, {self.misses} encoded"
         if self.failed:
             text += f", {len(self.failed)} failed"
+        if self.damaged:
+            text += f", {len(self.damaged)} damaged entr{'y' if len(self.damaged) == 1 else 'ies'} replaced"
         details = [f"{self.seconds:.1f} s"]
         if self.unit and self.misses and self.seconds > 0:
             details.append(f"{self.misses / self.seconds:.2f} {self.unit}s/s")
@@ -93,6 +104,15 @@ class LatentJob:
     """Returns (3, F, H, W) pixels in [-1, 1] (F = 1 for a still)."""
 
 
+def present(store: CacheStore, kind: str, keys: Sequence[str]) -> list[bool]:
+    """Which of `keys` have an intact entry (checksums verified on a few threads: reads and SHA-256 release
+    the GIL); damaged entries are deleted and recorded in `store.damaged`."""
+    if len(keys) < 2:
+        return [store.contains(kind, key) for key in keys]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="dittune-verify") as pool:
+        return list(pool.map(lambda key: store.contains(kind, key), keys))
+
+
 def _stored(tensors: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(storage) if v.is_floating_point() else v for k, v in tensors.items()}
 
@@ -111,32 +131,34 @@ def ensure_text_embeddings(
     device: torch.device,
     compute_dtype: str,
     storage_dtype: str,
-    batch_size: int,
     progress: bool = True,
     shard: Shard = ONE_PROCESS,
 ) -> tuple[dict[str, str], CacheStats]:
-    """Make sure every prompt has a cached embedding; returns prompt → key and the stats.
+    """Make sure every prompt has a cached, intact embedding; returns prompt → key and the stats.
 
-    Text encoders are loaded only when something is missing (in this process's `shard`), and released before
-    returning. With several processes each encodes its share, then all wait for the others.
+    Prompts are encoded one at a time (an embedding's bytes never depend on the other prompts). Text encoders
+    are loaded only when something is missing (in this process's `shard`), and released before returning.
+    With several processes all check the cache, then each encodes its share, then all wait for the others.
     """
     start = time.perf_counter()
     identity = spec.text_identity(fingerprinter)
     keys = {p: text_key(identity, p, compute_dtype, storage_dtype) for p in dict.fromkeys(prompts)}
-    missing = [p for p, key in keys.items() if not store.contains(TEXT, key)]
-    stats = CacheStats(hits=len(keys) - len(missing), misses=len(missing))
+    damaged_before = len(store.damaged)
+    missing = [p for p, ok in zip(keys, present(store, TEXT, list(keys.values()))) if not ok]
+    stats = CacheStats(hits=len(keys) - len(missing), misses=len(missing), damaged=store.damaged[damaged_before:])
+    if shard.world > 1:
+        shard.barrier()  # nobody writes before everyone has listed what is missing
     mine = shard.mine(missing)
     if mine:
         encoders = spec.load_text_encoders(device, DTYPES[compute_dtype])
         try:
             show = progress and shard.shows_progress
             bar = tqdm(total=len(mine), desc="Encoding captions", unit="caption", disable=not show)
-            for first in range(0, len(mine), batch_size):
-                chunk = mine[first : first + batch_size]
-                for prompt, embedding in zip(chunk, spec.encode_prompts(encoders, chunk)):
-                    fields = {"prompt": prompt, "compute": compute_dtype, "storage": storage_dtype}
-                    store.save(TEXT, keys[prompt], _stored(embedding, DTYPES[storage_dtype]), fields)
-                bar.update(len(chunk))
+            for prompt in mine:
+                (embedding,) = spec.encode_prompts(encoders, [prompt])
+                fields = {"prompt": prompt, "compute": compute_dtype, "storage": storage_dtype}
+                store.save(TEXT, keys[prompt], _stored(embedding, DTYPES[storage_dtype]), fields)
+                bar.update(1)
             bar.close()
         finally:
             del encoders
@@ -182,7 +204,11 @@ def ensure_latents(
     shard: Shard = ONE_PROCESS,
     desc: str = "Encoding latents",
 ) -> tuple[list[str | None], CacheStats]:
-    """Make sure every job has cached VAE moments; returns one key per job (None if it failed).
+    """Make sure every job has cached, intact VAE moments; returns one key per job (None if it failed).
+
+    Each image or clip is encoded alone, so its entry is bit-identical whichever others were missing with it;
+    `batch_size` images are loaded ahead per chunk. Damaged entries are found (checksums), deleted, re-encoded
+    and listed in the stats.
 
     Failed loads (corrupt or truncated files) are reported in the stats, never raised. The VAE is
     requested from `get_vae` only when something is missing. `load_errors` are the exception types
@@ -204,18 +230,24 @@ def ensure_latents(
             continue
         keys.append(latent_key(identity, source, job.geometry, compute_dtype, storage_dtype))
     fingerprinter.save()
+    damaged_before = len(store.damaged)
+    known = [index for index, key in enumerate(keys) if key is not None]
+    cached = present(store, LATENT, [keys[index] for index in known])  # type: ignore[misc]
     todo: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, key in enumerate(keys):
-        if key is not None and not store.contains(LATENT, key):
+    for index, ok in zip(known, cached):
+        if not ok:
             todo[jobs[index].group].append(index)
     missing = [index for indices in todo.values() for index in indices]
-    stats.hits = sum(key is not None for key in keys) - len(missing)
+    stats.hits = len(known) - len(missing)
+    stats.damaged = store.damaged[damaged_before:]
+    if shard.world > 1:
+        shard.barrier()  # nobody writes before everyone has listed what is missing
     mine = set(shard.mine(missing))
     todo = {group: [i for i in indices if i in mine] for group, indices in todo.items() if set(indices) & mine}
     clips = any(job.group[2:] not in ((), (1,)) for job in jobs)
     if todo:
         vae = get_vae()
-        # Clips are encoded one at a time (bounded memory, progress per clip); stills in batches.
+        # Clips are loaded one at a time (bounded memory, progress per clip); stills `batch_size` ahead.
         chunks = [chunk for indices in todo.values() for chunk in _split(indices, 1 if clips else batch_size)]
         show = progress and shard.shows_progress
         bar = tqdm(total=len(mine), desc=desc, unit="clip" if clips else "img", disable=not show)
@@ -224,17 +256,12 @@ def ensure_latents(
                 for index, reason in failures:
                     stats.failed.append((jobs[index].source, reason))
                     keys[index] = None
-                if loaded:
-                    pixels = torch.stack([tensor for _, tensor in loaded])
-                    for (index, _), moments in zip(loaded, spec.encode_pixels(vae, pixels)):
-                        fields = {
-                            "source": str(jobs[index].source),
-                            "geometry": jobs[index].geometry,
-                            "compute": compute_dtype,
-                        }
-                        key = keys[index]
-                        assert key is not None
-                        pipeline.save(store, LATENT, key, _stored(moments, DTYPES[storage_dtype]), fields)
+                for index, pixels in loaded:
+                    (moments,) = spec.encode_pixels(vae, pixels.unsqueeze(0))  # alone: bytes independent of others
+                    job, key = jobs[index], keys[index]
+                    fields = {"source": str(job.source), "geometry": job.geometry, "compute": compute_dtype}
+                    assert key is not None
+                    pipeline.save(store, LATENT, key, _stored(moments, DTYPES[storage_dtype]), fields)
                 bar.update(len(chunk))
             stats.misses += pipeline.wait_for_writes()
         bar.close()

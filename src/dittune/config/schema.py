@@ -204,8 +204,17 @@ class CacheSection(Section):
     )
     latent_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Stored dtype of VAE moments.")
     text_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Stored dtype of text embeddings.")
-    vae_batch_size: int = Field(4, description="Images per VAE encoding batch.", ge=1)
-    text_batch_size: int = Field(16, description="Captions per text-encoder batch.", ge=1)
+    vae_batch_size: int = Field(
+        4,
+        description=(
+            "Images loaded ahead of the VAE. Each is encoded alone, so an entry's bytes never depend on the others "
+            "(batched encoding differs in the last bits)."
+        ),
+        ge=1,
+    )
+    text_batch_size: int = Field(
+        16, description="No effect any more: prompts are encoded one at a time, for the same reason.", ge=1
+    )
     vae_tiling: bool = Field(
         False,
         description=(

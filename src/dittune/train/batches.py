@@ -42,7 +42,10 @@ class CachedBatches:
         """A cache entry that prepare_data guaranteed; a clear error if it disappeared since."""
         entry = self.store.load(kind, key)
         if entry is None:
-            raise RuntimeError(f"cache entry {kind}/{key} vanished during training; run `dittune cache` again")
+            raise RuntimeError(
+                f"cache entry {kind}/{key} is damaged or missing (see the warning above) and was deleted, so nothing "
+                "was trained on it; run again with --resume latest to re-encode it"
+            )
         return entry
 
     def collate(self, items: Sequence[tuple[int, bool]], draws: Draws | torch.Generator) -> TrainBatch:

@@ -5,9 +5,9 @@ as a `FakeTensor` model, nothing is read) on fake inputs (pixels, cache entries)
 bytes (`dittune.train.memory`). What the models compute is fake (sizes only, nothing computed); the code around
 them (tokenizers, masks, noise, schedulers) runs for real where it needs values. The phases, as a run has them:
 
-- caching: `ModelSpec.load_vae` + `encode_pixels` of one VAE batch of the largest bucket (`cache.vae_batch_size`
-  stills, or one clip), then `load_text_encoders` + `encode_prompts` of one text batch (`cache.text_batch_size`
-  of the longest prompts) with the VAE still loaded, as `fill_caches` does;
+- caching: `ModelSpec.load_vae` + `encode_pixels` of one image or clip of the largest bucket, then
+  `load_text_encoders` + `encode_prompts` of the longest prompt with the VAE still loaded, as `fill_caches` does
+  (it encodes every item alone, so that an entry's bytes never depend on the others);
 - training: the model as `build_run` makes it (`train.method`: LoRA, full, or a ControlNet beside the frozen
   denoiser; base storage, gradient checkpointing), the configured optimizer with its state already created, then
   one optimizer step as `Trainer.optimizer_step` takes it (`train.batch_size` samples of the largest bucket from
@@ -154,9 +154,8 @@ def estimate(cfg: DittuneConfig, device: str = "cuda") -> Estimate:
     # Every distinct prompt is encoded, as prepare_data does: captions, the empty prompt and validation's.
     prompts = [*(s.record.caption for s in plan.samples), "", *cfg.validation.prompts, cfg.validation.negative_prompt]
     captions = sorted(dict.fromkeys(prompts), key=len, reverse=True)
-    jobs = len(plan.buckets[bucket]) * (2 if cfg.data.random_flip else 1)
     scheduler = spec.load_scheduler()  # real (small tensors, no weights): its code needs values
-    vae_batch = 1 if frames > 1 else min(cfg.cache.vae_batch_size, jobs)
+    vae_batch = 1  # fill_caches encodes each image or clip alone
     with weightless() as (ctx.fake, assumed):
         phases = [
             _phase("caching", lambda: _caching(ctx, captions, vae_batch)),
@@ -239,7 +238,7 @@ def _caching(ctx: _Context, captions: list[str], vae_batch: int) -> list[Stage]:
     with ctx.fake:
         encoders = spec.load_text_encoders(ctx.device, ctx.dtype)
     weights[TEXT_ENCODERS] = module_tensors(modules_in(encoders))
-    prompts = captions[: cfg.cache.text_batch_size]
+    prompts = captions[:1]  # each prompt alone: the longest is the peak
     text, embeddings = trace(
         "text encode",
         lambda: spec.encode_prompts(encoders, prompts),

@@ -208,7 +208,6 @@ def prepare_data(
         device=device,
         compute_dtype=compute_dtype,
         storage_dtype=cfg.cache.text_dtype,
-        batch_size=cfg.cache.text_batch_size,
         progress=progress,
         shard=shard,
     )
