@@ -76,10 +76,13 @@ def test_low_vram_matches_the_stock_path(family, extra, family_models, video_mod
 
 
 def test_peak_memory_sees_an_allocation() -> None:
+    import time
+
     with PeakMemory(torch.device("cpu")) as meter:
-        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        block = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, touched (freed memory the process keeps may serve a bit)
+        time.sleep(0.1)  # held for many sampling intervals: a busy machine may delay the sampler thread
         del block
-    assert meter.peak_bytes >= 60 * 1024 * 1024, meter.peak_bytes
+    assert meter.peak_bytes >= 192 * 1024 * 1024, meter.peak_bytes
     assert PEAK.match(meter.line())
     with PeakMemory(torch.device("cpu")) as idle:
         pass
