@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import make_dataset
 
 from dittune.data.discover import DataError, discover
 
@@ -188,3 +189,19 @@ def test_missing_root_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="not a folder"):
         discover(tmp_path / "file")
+
+
+def test_symlinked_folders_are_searched_and_loops_reported(tmp_path: Path) -> None:
+    """A dataset assembled from links: a linked folder's images are found; a link back up is a loop, reported once
+    and not followed."""
+    elsewhere = make_dataset(tmp_path / "elsewhere", sizes=((64, 64),), colours=("red",))
+    root = tmp_path / "data"
+    make_dataset(root, sizes=((64, 64),), colours=("blue",))
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    records, skipped = discover(root)
+    assert sorted(r.path.name for r in records) == ["blue_0.png", "red_0.png"]
+    assert any(r.path.parent.name == "linked" for r in records)
+    assert [s.reason for s in skipped if "symlink loop" in s.reason] == [
+        f"a symlink loop (back to {root.resolve()}); not followed"
+    ]

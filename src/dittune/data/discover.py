@@ -231,7 +231,7 @@ def _from_folder(
     suffixes = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     stems: set[tuple[Path, str]] = set()
     controls: list[Path] = []
-    for path in sorted(root.rglob("*")):
+    for path in _walk(root, skipped):
         rel_path = path.relative_to(root)
         suffix = path.suffix.lower()
         if _is_hidden(rel_path.parts) or suffix not in suffixes or not path.is_file():
@@ -262,6 +262,26 @@ def _from_folder(
         if (path.parent, base) not in stems:
             skipped.append(Skipped(path, f"a control image without its image ({base}.<suffix> next to it)"))
     return candidates
+
+
+def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
+    """Every file under `root`, sorted, following symlinked folders (a dataset assembled from links); a link back to
+    a folder already being searched (a loop) is listed as skipped, not followed."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        here = os.path.realpath(folder)
+        if here in seen:
+            subfolders.clear()
+            continue
+        seen.add(here)
+        for name in list(subfolders):
+            target = os.path.realpath(os.path.join(folder, name))
+            if target in seen or (here + os.sep).startswith(target + os.sep):
+                subfolders.remove(name)
+                skipped.append(Skipped(Path(folder) / name, f"a symlink loop (back to {target}); not followed"))
+        files += [Path(folder) / name for name in names]
+    return sorted(files)
 
 
 def _not_utf8_reason(caption_path: Path) -> str:
