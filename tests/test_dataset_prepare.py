@@ -24,9 +24,16 @@ BUCKETS = ["--resolution", "32", "--bucket-step", "16"]
 """32 px short edge, buckets every 16 px up to 2:1 (32×32, 48×32, 64×32 and the tall ones)."""
 
 
-def _plan(root: Path, video: bool = False, clips: ClipOptions | None = None) -> DatasetPlan:
+def _plan(
+    root: Path,
+    video: bool = False,
+    clips: ClipOptions | None = None,
+    control: bool = False,
+    crop: str = "center",
+    crop_seed: int = 0,
+) -> DatasetPlan:
     """Discover and plan `root` as training would at `BUCKETS` (alignment 16)."""
-    records, skipped = discover(root, video=video)
+    records, skipped = discover(root, video=video, control=control)
     return plan_dataset(
         records,
         root,
@@ -35,8 +42,8 @@ def _plan(root: Path, video: bool = False, clips: ClipOptions | None = None) -> 
         alignment=16,
         step=16,
         max_aspect_ratio=2.0,
-        crop="center",
-        crop_seed=0,
+        crop=crop,
+        crop_seed=crop_seed,
         batch_size=1,
         incomplete_batches="keep",
         skipped=skipped,
@@ -248,21 +255,7 @@ def _control_source(root: Path) -> Path:
 
 def _plan_control(root: Path) -> DatasetPlan:
     """`root` planned as a ControlNet run plans it at `BUCKETS` with a random crop (seed 3)."""
-    records, skipped = discover(root, control=True)
-    return plan_dataset(
-        records,
-        root,
-        resolution=32,
-        resolution_type="pixel",
-        alignment=16,
-        step=16,
-        max_aspect_ratio=2.0,
-        crop="random",
-        crop_seed=3,
-        batch_size=1,
-        incomplete_batches="keep",
-        skipped=skipped,
-    )
+    return _plan(root, control=True, crop="random", crop_seed=3)
 
 
 def test_control_images_are_written_placed_like_their_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dittune.models.hunyuan_video.llama_tokenizer import BOS, EOS, UNK, vocab_and_merges
+from dittune.models.hunyuan_video.llama_tokenizer import llama_tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -47,7 +47,6 @@ def build_tiny_vlm(out_dir: Path, seed: int = 0) -> Path:
         CLIPVisionConfig,
         GenerationConfig,
         LlamaConfig,
-        LlamaTokenizerFast,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -57,19 +56,7 @@ def build_tiny_vlm(out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new folder for the tiny VLM")
-    vocab, merges = vocab_and_merges(_MERGE_TEXT)
-    tokenizer = LlamaTokenizerFast(
-        vocab=vocab,
-        merges=merges,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=EOS,
-        add_bos_token=True,
-        padding_side="left",
-        model_max_length=512,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
+    tokenizer = llama_tokenizer(_MERGE_TEXT, "left", 512, {"image_token": IMAGE_TOKEN})
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )

@@ -19,6 +19,7 @@ import itertools
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from dittune.models.tiny_text import caption_corpus, cjk_characters
 
@@ -81,16 +82,14 @@ def vocab_and_merges(template: str) -> tuple[dict[str, int], list[tuple[str, str
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def write_llama_tokenizer(out_dir: Path, template: str, max_length: int = 512) -> int:
-    """Save a `LlamaTokenizerFast` folder whose pieces of `template` match Llama 3's; returns its size.
-
-    BOS is prepended, padding goes on the right (the pipeline's crop and the transformer's text mask
-    both assume it) with EOS as the pad token, as in the Llama 3 checkpoints HunyuanVideo ships.
-    """
+def llama_tokenizer(
+    template: str, padding_side: str = "right", max_length: int = 512, extra_special_tokens: Any = ()
+) -> Any:
+    """A `LlamaTokenizerFast` whose pieces of `template` match Llama 3's: BOS prepended, EOS as the pad token."""
     from transformers import LlamaTokenizerFast
 
     vocab, merges = vocab_and_merges(template)
-    tokenizer = LlamaTokenizerFast(
+    return LlamaTokenizerFast(
         vocab=vocab,
         merges=merges,
         bos_token=BOS,
@@ -98,10 +97,19 @@ def write_llama_tokenizer(out_dir: Path, template: str, max_length: int = 512) -
         unk_token=UNK,
         pad_token=EOS,
         add_bos_token=True,
-        padding_side="right",
+        padding_side=padding_side,
         model_max_length=max_length,
-        extra_special_tokens=list(CHAT_SPECIALS),
+        extra_special_tokens=extra_special_tokens,
     )
+
+
+def write_llama_tokenizer(out_dir: Path, template: str, max_length: int = 512) -> int:
+    """Save a `LlamaTokenizerFast` folder whose pieces of `template` match Llama 3's; returns its size.
+
+    Padding goes on the right (the pipeline's crop and the transformer's text mask both assume it), as in the
+    Llama 3 checkpoints HunyuanVideo ships.
+    """
+    tokenizer = llama_tokenizer(template, "right", max_length, list(CHAT_SPECIALS))
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return len(tokenizer)
