@@ -3,7 +3,9 @@ sharded by the spec's transformer blocks (`shard_denoiser`), a LoRA (fp32 adapte
 frozen base) and a full fine-tune train two steps on halves of each global batch — with per-sample draws,
 global-norm clipping and AdamW — and end where one process training on the whole batch ends; the gathered
 adapter (`gather_state`, as the checkpoint hook and the export use it) loads back into a fresh sharded model
-(`load_full_state`); and the stock pipeline samples with the sharded denoiser on both processes, equal to the
+(`load_full_state`); a checkpoint of the sharded full fine-tune (weights and the optimizer's state, gathered into
+safetensors + JSON) restores into a fresh sharded model and optimizer so that the next step is identical; and the
+stock pipeline samples with the sharded denoiser on both processes, equal to the
 unsharded one.
 
 accelerate only enables FSDP on GPUs (on a CPU it falls back to DDP), so the trainer's accelerate-FSDP2 path
@@ -69,17 +71,18 @@ def model(method, seed):
     return denoiser.train()
 
 
-def train(denoiser, rows):
+def train(denoiser, rows, steps=range(2), optimizer=None):
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-3)
     settings = spec.default_loss_settings("lora")
     scheduler = spec.load_scheduler()
-    for step in range(2):
+    for step in steps:
         out = spec.compute_loss(denoiser, scheduler, batch(rows), SampleDraws(5, step, rows, "cpu"), settings)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.05)  # small: the global norm must be the whole model's
         optimizer.step()
         optimizer.zero_grad()
+    return optimizer
 
 
 report = {}
@@ -89,8 +92,32 @@ for method in ("lora", "full"):
     train(reference, [0, 1, 2, 3])
     sharded = shard_denoiser(spec, model(method, 0))
     assert is_sharded(sharded)
-    train(sharded, [2 * rank, 2 * rank + 1])  # FSDP2 averages the gradients of the two halves
+    optimizer = train(sharded, [2 * rank, 2 * rank + 1])  # FSDP2 averages the gradients of the two halves
     state = gather_state(sharded, keep=keep)
+    if method == "full":  # a checkpoint of sharded weights and optimizer, restored into a fresh sharded model
+        from accelerate import Accelerator
+        from dittune.train.checkpoint import Checkpointed, read_training_state, write_training_state
+        from dittune.train.methods import FullMethod
+
+        accelerator = Accelerator(cpu=True)
+        folder = scratch / "checkpoint"
+        folder.mkdir(exist_ok=True)
+
+        def parts(net, optim):
+            return Checkpointed(accelerator, net, optim, {}, lambda f: FullMethod().save_weights(accelerator, net, f),
+                                lambda f: FullMethod().load_weights(accelerator, net, f))
+
+        write_training_state(parts(sharded, optimizer), folder)
+        dist.barrier()
+        resumed = shard_denoiser(spec, model(method, 1))
+        fresh_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
+        read_training_state(parts(resumed, fresh_optimizer), folder)
+        for net, optim in ((sharded, optimizer), (resumed, fresh_optimizer)):
+            train(net, [2 * rank, 2 * rank + 1], steps=[2], optimizer=optim)  # Adam's moments and step count
+        after, again = gather_state(sharded), gather_state(resumed)
+        if rank == 0:
+            report["resumed"] = max((after[k] - again[k]).abs().max().item() for k in after)
+            report["files"] = sorted(p.name for p in folder.iterdir())
     if rank == 0:
         expected = {k: v for k, v in reference.state_dict().items() if keep is None or keep(k)}
         report[method] = {
@@ -147,6 +174,8 @@ def test_fsdp2_on_cpu_trains_like_one_process(family_models, tmp_path: Path) -> 
         assert report[method]["moved"] > 1e-4, method  # the two steps changed the weights
         assert report[method]["difference"] < 1e-5, (method, report)
     assert report["reloaded"] == 0.0
+    assert report["resumed"] == 0.0  # weights and optimizer state restored exactly into new shards
+    assert all(name.endswith((".json", ".safetensors")) for name in report["files"]), report["files"]
     assert report["pipeline"] < 1e-5, report
 
 

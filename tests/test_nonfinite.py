@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import make_dataset, read_metrics, write_config
 from dittune.cli.main import main
 from dittune.models.hunyuan_dit.spec import HunyuanDiTSpec
+from dittune.train.state_io import load_tree
 from test_loss_logging import device_read_backs, read_backs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,15 +46,17 @@ def checkpoint_leaves(folder: Path) -> dict[str, Any]:
         else:
             leaves[prefix] = value
 
+    state_files = {"training_state.json", "training_state.safetensors"}
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith("random_states"):
+        if not path.is_file() or path.name.startswith("rng_state") or path.name in state_files:
             continue
         if path.suffix == ".safetensors":
             flatten(path.name, load_file(path))
         elif path.suffix == ".json":
             flatten(path.name, json.loads(path.read_text()))
-        elif path.suffix in (".bin", ".pt", ".pkl"):
-            flatten(path.name, torch.load(path, weights_only=True))
+    if (folder / "training_state.json").is_file():  # a checkpoint (not the exported final weights)
+        flatten("training_state", load_tree(folder, "training_state"))
+    assert len(leaves) > 10, sorted(leaves)
     return leaves
 
 

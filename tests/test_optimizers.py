@@ -25,6 +25,7 @@ from dittune.train.optim import (
     state_bytes,
 )
 from dittune.train.preflight import device_checks, preflight
+from dittune.train.state_io import load_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,7 +251,7 @@ def test_train_and_resume_latest(tmp_path, tiny_models, dataset, capsys, method,
         assert all(a[k].abs().max() > 0 for k in a if "lora_B" in k)
     if optimizer == "schedulefree_adamw":  # checkpoints and the export hold the averaged weights
         checkpoint = straight / "checkpoints" / "step_00000004"
-        groups = torch.load(checkpoint / "optimizer.bin", weights_only=True)["param_groups"]
+        groups = load_tree(checkpoint, "training_state")["optimizer"]["param_groups"]
         assert all(group["train_mode"] is False for group in groups)
         saved = load_file(checkpoint / "adapter.safetensors")
         assert all(torch.allclose(saved[k], a[f"transformer.{k}"], rtol=0, atol=1e-8) for k in saved)

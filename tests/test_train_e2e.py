@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import read_image, read_metrics, write_config
 from dittune.cli.main import main
+from dittune.train.state_io import load_tree
 
 PROMPT = "a red circle on a white background"
 VALIDATION = f"""
@@ -383,7 +384,7 @@ def test_adamw8bit_full_run_has_8bit_states_and_resumes(tmp_path, tiny_models, d
         learning_rate=1e-3,
     )
     assert main(["train", str(cfg)]) == 0
-    state = torch.load(straight / "checkpoints" / "step_00000004" / "optimizer.bin", weights_only=False)["state"]
+    state = load_tree(straight / "checkpoints" / "step_00000004", "training_state")["optimizer"]["state"]
 
     def dtypes(value: object) -> set[torch.dtype]:
         if torch.is_tensor(value):

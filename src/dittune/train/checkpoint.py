@@ -1,11 +1,14 @@
 """Resumable checkpoints: atomic directories under OUTPUT_DIR/checkpoints, newest K kept.
 
-A checkpoint is written into a temporary folder by `accelerator.save_state` (optimizer, RNG states,
-registered objects: LR schedule, data position) plus the trainable weights and a
-`trainer_state.json`, which is written last and lists every other file with its size and SHA-256. The folder
-is then renamed into place, so a crash mid-save never leaves a checkpoint that looks complete, and a file
-damaged later (truncated, missing, changed) is found before anything is loaded: `--resume latest` then says
-which checkpoint is damaged and falls back to the newest intact one.
+A checkpoint is written into a temporary folder: the trainable weights (the method's `save_weights`),
+`training_state.json`/`.safetensors` (optimizer, LR schedule, data position, loss scaler, accelerate's step
+counter), `rng_state_<process>.json`/`.safetensors` per process, and `trainer_state.json`, which is written
+last and lists every other file with its size and SHA-256. Nothing is pickled, and loading never unpickles
+(`dittune.train.state_io`); only DeepSpeed, whose engine owns the optimizer's partitions, writes its own
+checkpoint through accelerate. The folder is then renamed into place, so a crash mid-save never leaves a
+checkpoint that looks complete, and a file damaged later (truncated, missing, changed) is found before
+anything is loaded: `--resume latest` then says which checkpoint is damaged and falls back to the newest
+intact one.
 """
 
 from __future__ import annotations
@@ -15,10 +18,17 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dittune.errors import os_errors_named
+from dittune.train.sharding import is_sharded
+from dittune.train.state_io import load_tree, restore_rng_states, rng_states, save_tree
+
 STATE_FILE = "trainer_state.json"
+TRAINING_STATE = "training_state"
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -85,7 +95,7 @@ def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path
         for _, path in reversed(found):
             problem = checkpoint_problem(path)
             if problem is None:
-                return path
+                return _loadable(path)
             announce(f"warning: checkpoint {path} is damaged ({problem}); trying the one before it")
         if found:
             raise FileNotFoundError(
@@ -99,11 +109,104 @@ def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path
     problem = checkpoint_problem(path)
     if problem is not None:
         raise FileNotFoundError(f"--resume {resume}: the checkpoint is damaged ({problem}); pick another one")
+    return _loadable(path)
+
+
+def _loadable(path: Path) -> Path:
+    problem = legacy_problem(path)
+    if problem:
+        raise ValueError(f"cannot resume: {problem}")
     return path
 
 
+@dataclass
+class Checkpointed:
+    """What a checkpoint holds and how: the prepared model and optimizer, objects with `state_dict` that are
+    the same on every process (LR schedule, data position), and the method's weight writer and reader."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    objects: dict[str, Any]
+    save_weights: Callable[[Path], None]
+    load_weights: Callable[[Path], None]
+
+    @property
+    def engine_writes(self) -> bool:
+        """DeepSpeed: its engine checkpoints the partitioned optimizer (through `accelerator.save_state`)."""
+        return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def _optimizer_state(parts: Checkpointed) -> dict[str, Any]:
+    """The whole optimizer state (gathered on the main process when the model is sharded: a collective)."""
+    if is_sharded(parts.model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        inner = getattr(parts.optimizer, "optimizer", parts.optimizer)
+        return get_optimizer_state_dict(parts.model, inner, options=options)
+    return parts.optimizer.state_dict()
+
+
+def _load_optimizer_state(parts: Checkpointed, state: dict[str, Any]) -> None:
+    if is_sharded(parts.model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        inner = getattr(parts.optimizer, "optimizer", parts.optimizer)
+        set_optimizer_state_dict(parts.model, inner, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        parts.optimizer.load_state_dict(state)
+
+
+def write_training_state(parts: Checkpointed, folder: Path) -> None:
+    """Write the weights, the training state and this process's RNG states into `folder` (every process)."""
+    accelerator = parts.accelerator
+    parts.save_weights(folder)
+    optimizer = _optimizer_state(parts)
+    if accelerator.is_main_process:
+        tree = {"optimizer": optimizer, "accelerator_step": accelerator.step}
+        tree.update({name: obj.state_dict() for name, obj in parts.objects.items()})
+        if getattr(accelerator, "scaler", None) is not None:
+            tree["grad_scaler"] = accelerator.scaler.state_dict()
+        save_tree(tree, folder, TRAINING_STATE)
+    save_tree(rng_states(), folder, f"rng_state_{accelerator.process_index}")
+
+
+def read_training_state(parts: Checkpointed, folder: Path) -> None:
+    """Restore what `write_training_state` wrote (every process reads the shared files; a process with no RNG
+    file of its own — more processes than the run that saved — keeps its seeded generators)."""
+    accelerator = parts.accelerator
+    parts.load_weights(folder)
+    tree = load_tree(folder, TRAINING_STATE)
+    _load_optimizer_state(parts, tree["optimizer"])
+    for name, obj in parts.objects.items():
+        obj.load_state_dict(tree[name])
+    if getattr(accelerator, "scaler", None) is not None and "grad_scaler" in tree:
+        accelerator.scaler.load_state_dict(tree["grad_scaler"])
+    accelerator.step = int(tree["accelerator_step"])
+    rng = folder / f"rng_state_{accelerator.process_index}.json"
+    if rng.is_file():
+        restore_rng_states(load_tree(folder, rng.stem))
+
+
+def legacy_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be loaded without unpickling (written by accelerate's `save_state` before
+    dittune wrote its own state files, and not by DeepSpeed), or None."""
+    try:
+        engine = json.loads((Path(path) / STATE_FILE).read_text()).get("engine", "ddp")
+    except (OSError, ValueError):
+        return None  # `checkpoint_problem` reports it
+    if engine == "deepspeed" or (Path(path) / f"{TRAINING_STATE}.json").is_file():
+        return None
+    return (
+        f"{path} holds accelerate's pickled state (optimizer.bin, random_states_*.pkl), written by an older "
+        "dittune; dittune never unpickles a checkpoint. Finish that run with the version that wrote it, or "
+        "start a new one (--overwrite, or another output_dir)"
+    )
+
+
 def save_checkpoint(
-    accelerator: Any,
+    parts: Checkpointed,
     output_dir: Path,
     step: int,
     state: dict[str, Any],
@@ -111,6 +214,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically and prune old ones; returns its folder (renamed into place only
     after every process has written its part)."""
+    accelerator = parts.accelerator
     root = checkpoints_dir(output_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -118,7 +222,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with os_errors_named(tmp):
+            if parts.engine_writes:
+                accelerator.save_state(str(tmp))
+            else:
+                write_training_state(parts, tmp)
+    except BaseException:  # a full disk, a signal: the partial folder is never taken for a checkpoint; free it
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {**state, "files": file_manifest(tmp)}
@@ -132,13 +245,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+def load_checkpoint(parts: Checkpointed, path: Path) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the trainer state.
 
     The number of processes may differ from the one that saved it, as long as the global batch is the same
     (`check_resume_compatible` refuses otherwise): the data order follows the global batch and every random
     draw is keyed by sample, not by process.
     """
-    state = json.loads((Path(path) / STATE_FILE).read_text())
-    accelerator.load_state(str(path))
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    if parts.engine_writes:
+        parts.accelerator.load_state(str(path))
+    else:
+        problem = legacy_problem(path)
+        if problem:
+            raise ValueError(problem)
+        read_training_state(parts, path)
     return state

@@ -3,7 +3,7 @@
 One object per `train.method`, so setup, the loop and export never branch on it:
 - `LoraMethod`: peft adapters on the frozen denoiser; checkpoints hold the adapter only; exports
   `final/lora.safetensors`.
-- `FullMethod`: every denoiser weight in fp32; accelerate checkpoints the model; exports a diffusers folder.
+- `FullMethod`: every denoiser weight in fp32; checkpoints hold the whole model; exports a diffusers folder.
 - `ControlNetMethod`: a ControlNet initialised from the denoiser (the family's `build_controlnet`), driving the
   frozen denoiser through `ControlledDenoiser`; checkpoints hold the ControlNet only; exports `final/controlnet/`,
   loadable with the ControlNet class's `from_pretrained`.
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 ADAPTER_FILE = "adapter.safetensors"
 CONTROLNET_FILE = "controlnet.safetensors"
+MODEL_FILE = "model.safetensors"
 
 
 class TrainingMethod(ABC):
@@ -56,8 +57,39 @@ class TrainingMethod(ABC):
     gathered_keys: ClassVar[Callable[[str], bool] | None] = None
     """The state-dict keys export gathers from a sharded or wrapped model (None: all)."""
 
-    def register_checkpoint_hooks(self, accelerator: Any) -> None:  # noqa: B027 (optional hook)
-        """What a checkpoint holds of the model when not everything (default: accelerate saves it whole)."""
+    def save_weights(self, accelerator: Any, model: nn.Module, folder: Path) -> None:
+        """Write what a checkpoint holds of `model` (prepared) into `folder` (default: every weight, in
+        `model.safetensors`). A collective: every process calls it; the main process writes."""
+        state = gather_state(model, accelerator)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / MODEL_FILE))
+
+    def load_weights(self, accelerator: Any, model: nn.Module, folder: Path) -> None:
+        """Load what `save_weights` wrote (every process reads the file)."""
+        state = load_file(str(folder / MODEL_FILE))
+        module = accelerator.unwrap_model(model)
+        missing = sorted(set(module.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"{folder / MODEL_FILE} lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
+        load_full_state(module, state)
+
+    def register_checkpoint_hooks(self, accelerator: Any) -> None:
+        """Under DeepSpeed, whose engine writes the checkpoint through accelerate, `save_weights`' file goes along
+        (the full method leaves the weights to the engine)."""
+        if self.name == "full":
+            return
+
+        def save_hook(models: list, weights: list, output_dir: str) -> None:
+            for model in models:
+                self.save_weights(accelerator, model, Path(output_dir))
+            weights.clear()
+
+        def load_hook(models: list, input_dir: str) -> None:
+            while models:
+                self.load_weights(accelerator, models.pop(), Path(input_dir))
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
 
     def loss(self, run: Run, batch: TrainBatch, draws: Draws) -> LossOutput:
         return run.spec.compute_loss(run.denoiser, run.scheduler, batch, draws, run.loss)
@@ -107,25 +139,16 @@ class LoraMethod(TrainingMethod):
             )
         return denoiser, trainable
 
-    def register_checkpoint_hooks(self, accelerator):
+    def save_weights(self, accelerator, model, folder):
         """Checkpoints of LoRA runs hold only the adapter, not the frozen base weights."""
+        full = gather_state(model, accelerator, keep=is_lora_key)  # on every process: gathering is a collective
+        if accelerator.is_main_process:
+            adapter = lora_state_dict(accelerator.unwrap_model(model), state=full)
+            save_file(adapter, str(folder / ADAPTER_FILE))
 
-        def save_hook(models: list, weights: list, output_dir: str) -> None:
-            for model in models:  # on every process: gathering a sharded adapter is a collective
-                full = gather_state(model, accelerator, keep=is_lora_key)
-                if accelerator.is_main_process:
-                    adapter = lora_state_dict(accelerator.unwrap_model(model), state=full)
-                    save_file(adapter, str(Path(output_dir) / ADAPTER_FILE))
-            weights.clear()
-
-        def load_hook(models: list, input_dir: str) -> None:
-            state = load_file(str(Path(input_dir) / ADAPTER_FILE))
-            while models:
-                model = accelerator.unwrap_model(models.pop())
-                load_full_state(model, lora_module_state(model, state))
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
+    def load_weights(self, accelerator, model, folder):
+        model = accelerator.unwrap_model(model)
+        load_full_state(model, lora_module_state(model, load_file(str(folder / ADAPTER_FILE))))
 
     def export(self, run, model, state, final, steps):
         cfg, spec = run.cfg, run.spec
@@ -179,24 +202,16 @@ class ControlNetMethod(TrainingMethod):
         residual, whose activations would otherwise all be kept."""
         return [model.controlnet, model.denoiser]
 
-    def register_checkpoint_hooks(self, accelerator):
+    def save_weights(self, accelerator, model, folder):
         """Checkpoints hold the ControlNet only; the frozen denoiser comes from the model folder."""
+        if accelerator.is_main_process:
+            controlnet = accelerator.unwrap_model(model).controlnet
+            state = {k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
+            save_file(state, str(folder / CONTROLNET_FILE))
 
-        def save_hook(models: list, weights: list, output_dir: str) -> None:
-            if accelerator.is_main_process:
-                for model in models:
-                    controlnet = accelerator.unwrap_model(model).controlnet
-                    state = {k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
-                    save_file(state, str(Path(output_dir) / CONTROLNET_FILE))
-            weights.clear()
-
-        def load_hook(models: list, input_dir: str) -> None:
-            state = load_file(str(Path(input_dir) / CONTROLNET_FILE))
-            while models:
-                accelerator.unwrap_model(models.pop()).controlnet.load_state_dict(state, strict=True)
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
+    def load_weights(self, accelerator, model, folder):
+        state = load_file(str(folder / CONTROLNET_FILE))
+        accelerator.unwrap_model(model).controlnet.load_state_dict(state, strict=True)
 
     def loss(self, run, batch, draws):
         if batch.control is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from dittune.data.sampler import BucketBatchSampler
 from dittune.models.base import LossSettings, ModelInfo, ModelSpec
 from dittune.models.registry import spec_class
 from dittune.precision import Precision, device_precision
+from dittune.train.checkpoint import Checkpointed
 from dittune.train.methods import LoraMethod, TrainingMethod, method_for
 from dittune.train.metrics import PhaseMemory
 from dittune.train.optim import build_lr_scheduler, build_optimizer
@@ -119,6 +121,17 @@ class Run:
     """Peak memory per phase, from caching on (metrics.jsonl's `memory_*_mb`)."""
     method: TrainingMethod = field(default_factory=LoraMethod)
     """What trains, and how it is checkpointed, validated and exported (`train.method`)."""
+
+    def checkpointed(self) -> Checkpointed:
+        """What `save_checkpoint` writes and `load_checkpoint` restores."""
+        return Checkpointed(
+            accelerator=self.accelerator,
+            model=self.denoiser,
+            optimizer=self.optimizer,
+            objects={"lr_scheduler": self.lr_scheduler, "sampler": self.sampler},  # the same on every process
+            save_weights=partial(self.method.save_weights, self.accelerator, self.denoiser),
+            load_weights=partial(self.method.load_weights, self.accelerator, self.denoiser),
+        )
 
 
 def make_accelerator(cfg: DittuneConfig, precision: Precision | None = None) -> Any:
@@ -231,9 +244,10 @@ def build_run(
     )
     # Noise, noise levels and caption dropout are drawn per sample, keyed by (seed, step, position in the global
     # batch) — see dittune.models.draws — so there are no per-process generators to keep.
-    for obj in (lr_scheduler, sampler):  # the same on every process: saved once (by the main process)
-        accelerator.register_for_checkpointing(obj)
-    method.register_checkpoint_hooks(accelerator)
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):  # its engine checkpoints through accelerate
+        for obj in (lr_scheduler, sampler):
+            accelerator.register_for_checkpointing(obj)
+        method.register_checkpoint_hooks(accelerator)
     return Run(
         cfg=cfg,
         accelerator=accelerator,

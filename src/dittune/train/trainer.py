@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dittune.cache.build import TEXT
-from dittune.errors import RunStopped
+from dittune.errors import RunStopped, os_errors_named
 from dittune.export.model_card import derive_trigger_words, write_model_card
 from dittune.media import load_image
 from dittune.models.base import TextEmbedding
@@ -203,11 +203,12 @@ class Trainer:
             "processes": run.accelerator.num_processes,
             "engine": launch_engine(),
             "config": json.loads(run.cfg.model_dump_json()),
+            "data_fingerprint": run.prepared.data_fingerprint,  # resume refuses changed data (resume_changes)
         }
         keep = run.cfg.checkpoint.keep_last
         with averaged_weights(run.optimizer):  # schedule-free: save (and resume from) the averaged weights
             self.nonfinite.check(self.step, run.trainable)  # never a checkpoint of non-finite weights
-            return save_checkpoint(run.accelerator, run.cfg.output_dir, self.step, state, keep)
+            return save_checkpoint(run.checkpointed(), run.cfg.output_dir, self.step, state, keep)
 
     def validate(self) -> ValidationResult | None:
         """The main process samples; the others wait for it (`SideWorkWait`). An error is recorded and printed,
@@ -315,7 +316,8 @@ class Trainer:
         if not run.accelerator.is_main_process:
             return final
         model = run.accelerator.unwrap_model(run.denoiser)
-        run.method.export(run, model, state, final, self.step)
+        with os_errors_named(final):  # a full disk: the path and the fix, not safetensors' bare error
+            run.method.export(run, model, state, final, self.step)
         self.write_model_card(final)
         return final
 
