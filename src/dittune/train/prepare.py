@@ -36,6 +36,7 @@ from dittune.data.types import Placement
 from dittune.data.video import DECODE_METHOD, load_sample
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import ModelSpec
+from dittune.train.resume_changes import data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class PreparedData:
     """"latents" and "text"; "control" too when training a ControlNet."""
     control_keys: dict[tuple[str, bool], str] = field(default_factory=dict)
     """(sample key, flipped) → latent cache key of the sample's control image; empty unless training a ControlNet."""
+    data_fingerprint: dict = field(default_factory=dict)
+    """The planned samples' content fingerprint (`resume_changes.data_fingerprint`), saved with each checkpoint."""
 
 
 def trains_controlnet(cfg: DittuneConfig) -> bool:
@@ -164,6 +167,7 @@ def prepare_data(
     announce(bucket_report(cfg, plan, shard.world))
     store = CacheStore(cfg.cache_dir)
     fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
+    fingerprint = data_fingerprint(plan, fingerprinter, cfg.cache.source_fingerprint)  # as planned, before decoding
     flips = (False, True) if cfg.data.random_flip else (False,)
     encode = partial(
         ensure_latents,
@@ -220,6 +224,7 @@ def prepare_data(
         report=bucket_report(cfg, plan, shard.world),
         stats={**stats, "text": text_stats},
         control_keys=control_keys,
+        data_fingerprint=fingerprint,
     )
 
 

@@ -14,6 +14,7 @@ from dittune.errors import RunStopped
 from dittune.train.checkpoint import STATE_FILE, load_checkpoint, resolve_resume
 from dittune.train.lock import RunLock, previous_run, remove_run_outputs
 from dittune.train.preflight import device_checks, preflight
+from dittune.train.resume_changes import apply_changed_hyperparameters, check_resume_data
 
 RESUME_CRITICAL = (
     ("model", "family"),
@@ -119,6 +120,7 @@ def _train(cfg: DittuneConfig, resume: str | None, progress: bool, precision: An
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
     if resume_path is not None:
         check_resume_compatible(cfg, resume_path, distributed_state().num_processes, launch_engine())
+        check_resume_data(cfg, resume_path, distributed_state().num_processes)  # before the model loads
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.output_dir / "config.resolved.json").write_text(cfg.model_dump_json(indent=2))
     accelerator = make_accelerator(cfg, precision)
@@ -127,7 +129,8 @@ def _train(cfg: DittuneConfig, resume: str | None, progress: bool, precision: An
     run = build_run(cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print)
     start_step = 0
     if resume_path is not None:
-        start_step = int(load_checkpoint(accelerator, resume_path)["step"])
+        start_step = int(load_checkpoint(run.checkpointed(), resume_path)["step"])
+        apply_changed_hyperparameters(run, resume_path, start_step, accelerator.print)
     if accelerator.is_main_process:
         tracker_config = {
             k: v
