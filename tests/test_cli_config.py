@@ -38,9 +38,13 @@ BAD = GOOD.replace("max_steps = 7", 'max_steps = "seven"\nbatch_sise = 2')
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A folder with model/ and images/ folders and good.toml / bad.toml configs."""
+    """A folder with model/ and images/ folders (one captioned image) and good.toml / bad.toml configs."""
+    from PIL import Image
+
     (tmp_path / "model").mkdir()
     (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "images" / "red.png")
+    (tmp_path / "images" / "red.txt").write_text("a red square", encoding="utf-8")
     (tmp_path / "good.toml").write_text(GOOD, encoding="utf-8")
     (tmp_path / "bad.toml").write_text(BAD, encoding="utf-8")
     return tmp_path

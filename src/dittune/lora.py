@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dittune.export.lora_convert import FamilyUnknown, resolve_lora
+from torch import nn
+
+from dittune.export.lora_convert import FamilyUnknown, ResolvedLora, resolve_lora
 from dittune.models.lora import inject_exact_lora, inject_lora, load_lora_state_dict
 from dittune.models.registry import facts_class, family_names, spec_class
 
@@ -30,10 +32,11 @@ def load_lora(pipeline: Any, path: str | Path, scale: float = 1.0, adapter_name:
         lora = resolve_lora(Path(path))  # raises FamilyUnknown with its message
     spec_cls = spec_class(lora.family)
     if not spec_cls.accepts_pipeline(type(pipeline).__name__):
-        raise TypeError(
+        raise ValueError(
             f"{path} is a {lora.family} LoRA; it needs a {spec_cls.pipeline_class}, got {type(pipeline).__name__}"
         )
     denoiser = getattr(pipeline, lora.component)
+    check_fits(path, lora, denoiser)
     dtype = next(denoiser.parameters()).dtype
     if lora.native:  # a training output: injected exactly as it was trained
         info = lora.info
@@ -48,6 +51,37 @@ def load_lora(pipeline: Any, path: str | Path, scale: float = 1.0, adapter_name:
     load_lora_state_dict(denoiser, state, adapter_name=adapter_name)
     denoiser.to(dtype)
     return pipeline
+
+
+def check_fits(path: str | Path, lora: ResolvedLora, denoiser: nn.Module) -> None:
+    """Raise a ValueError naming the file and the first mismatches when the adapters do not fit `denoiser`'s layers
+    (a LoRA of another size or version of the model) or disagree with the rank their file declares."""
+    problems: list[str] = []
+    declared = lora.info if lora.native else None
+    for name, module in lora.modules.items():
+        rank = module.rank
+        if module.up.shape[1] != rank:
+            problems.append(f"{name}: lora_A has rank {rank}, lora_B rank {module.up.shape[1]}")
+        if declared is not None and declared.rank_pattern.get(name, declared.rank) != rank:
+            wanted = declared.rank_pattern.get(name, declared.rank)
+            problems.append(f"{name}: rank {rank} in its tensors, rank {wanted} in the file's metadata")
+        try:
+            layer = denoiser.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: {type(denoiser).__name__} has no such layer")
+            continue
+        if isinstance(layer, nn.Linear):
+            got = (module.down.shape[-1], module.up.shape[0])
+            if got != (layer.in_features, layer.out_features):
+                problems.append(
+                    f"{name}: adapts {got[0]}→{got[1]} features, the layer is {layer.in_features}→{layer.out_features}"
+                )
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; ... and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"{path} does not fit this {type(denoiser).__name__} ({len(problems)} problem(s): {shown}). "
+            "Was it trained on another size or version of the model, or is the file damaged?"
+        )
 
 
 def _pipeline_family(pipeline: Any) -> str | None:

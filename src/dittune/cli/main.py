@@ -16,6 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from safetensors import SafetensorError
+
 from dittune.cli.caption_cmd import add_caption_parser
 from dittune.cli.export_cmd import add_export_parser
 from dittune.cli.lora_cmd import add_lora_parser
@@ -89,13 +91,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from dittune.cli.check_cmd import data_report, json_problems, weight_problems
+
+    unreadable = json_problems(cfg)
+    problems: list[Any] = unreadable + weight_problems(cfg)
     try:
         from dittune.train.preflight import preflight
     except ImportError:
-        problems: list[Any] = []
+        pass
     else:
-        problems = list(preflight(cfg))
+        if not unreadable:  # preflight reads the model's JSON files
+            problems += preflight(cfg)
+    report, data_problems = data_report(cfg, model_readable=not unreadable)
+    problems += data_problems
     if problems:
+        if report:
+            print(report)
         print(f"error: {args.config}: {len(problems)} problem(s):", file=sys.stderr)
         for path, message in problems:
             print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
@@ -111,6 +122,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     clips = _clip_line(cfg)
     if clips:
         print(clips)
+    if report:
+        print(report)
     return EXIT_OK
 
 
@@ -317,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         message = os_error_message(exc) if isinstance(exc, OSError) and exc.errno else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except SafetensorError as exc:  # a weight file a loader could not read; its message names no file
+        if debug:
+            raise
+        from dittune.cli.check_cmd import unreadable_weights_message
+
+        print(f"error: {unreadable_weights_message(args, exc)}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except OSError as exc:  # a full disk, no permission, a file where a folder must be: the path and the fix
         if debug:
             raise

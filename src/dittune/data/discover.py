@@ -162,6 +162,8 @@ def check_image(path: Path) -> tuple[int, int] | str:
     is also decoded once to catch truncated files; JPEG at reduced scale, which is much cheaper.
     """
     try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as image:
             width, height = image.size
             if _exif_orientation(image) in _ROTATED_ORIENTATIONS:

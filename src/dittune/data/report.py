@@ -18,6 +18,8 @@ SHORT_CLIP_MODES = ("skip", "shorten")
 MAX_SKIPPED_LISTED = 50
 MAX_NOTES_LISTED = 20
 _FAILED_DECODE_REASON = "failed to decode"
+UPSCALE_NOTED = 4.0
+"""A sample enlarged more than this factor to cover its bucket gets a note in the report."""
 _CONTROL_ASPECT_TOLERANCE = 0.01
 """A control image whose aspect ratio differs from its image's by more than this fraction gets a note."""
 
@@ -118,6 +120,7 @@ def plan_dataset(
                 notes.append(f"{key}: {note}")
         if record.control_size is not None:
             notes += _control_aspect_note(record, key)
+        notes += _upscale_note(record, placement, key)
         samples.append(PlannedSample(record, placement, key))
     samples.sort(key=lambda sample: sample.key)
     duplicates = sorted(key for key, count in Counter(sample.key for sample in samples).items() if count > 1)
@@ -133,6 +136,15 @@ def _frame_notes(clips: ClipOptions) -> list[str]:
     if clips.rule.is_video and clips.target != clips.frames:
         return [f"data.frames = {clips.frames} snapped down to {clips.target} (this family takes {clips.rule} frames)."]
     return []
+
+
+def _upscale_note(record: ImageRecord, placement: Placement, key: str) -> list[str]:
+    """A note when a source is enlarged more than `UPSCALE_NOTED`× to cover its bucket (e.g. a 1×1 image)."""
+    scale = placement.resized[0] / record.width
+    if scale <= UPSCALE_NOTED:
+        return []
+    bucket = bucket_label(placement.shape)
+    return [f"{key}: {record.width}×{record.height} enlarged {scale:.3g}× to cover its {bucket} bucket (trains blurry)"]
 
 
 def _control_aspect_note(record: ImageRecord, key: str) -> list[str]:
@@ -287,9 +299,24 @@ def format_bucket_report(
         distinct = len({sample.record.control for sample in plan.samples if sample.record.control is not None})
         shared = f" ({distinct} distinct files)" if distinct != controls else ""
         lines.append(f"Control images: {controls}{shared}, each resized, cropped and flipped exactly like its image.")
+    lines += _empty_caption_lines(plan.samples)
     lines += _skipped_lines(plan.skipped)
     lines += _note_lines(plan.notes)
     return "\n".join(lines)
+
+
+def _empty_caption_lines(samples: list[PlannedSample]) -> list[str]:
+    """The samples whose caption is empty: they train unconditioned (the empty prompt), which the user should know."""
+    empty = [sample.record.path for sample in samples if not sample.record.caption.strip()]
+    if not empty:
+        return []
+    count = len(empty)
+    verb = "sample trains" if count == 1 else "samples train"
+    lines = [f"Empty captions: {count} {verb} unconditioned (no caption text):"]
+    lines += [f"  {path}" for path in empty[:MAX_SKIPPED_LISTED]]
+    if len(empty) > MAX_SKIPPED_LISTED:
+        lines.append(f"  ... and {len(empty) - MAX_SKIPPED_LISTED} more")
+    return lines
 
 
 def bucket_label(bucket: Bucket, frames: bool | None = None) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from dittune.data.types import Placement
+
+if TYPE_CHECKING:  # imported where pixels are made, so discovery (`dittune config check`) runs without torch
+    import torch
 
 RESIZE_METHOD = "lanczos-v1"
 """Identifies the pixel pipeline below (part of latent cache keys); bump it whenever the output changes."""
@@ -65,6 +68,8 @@ def pixels_from_image(
             f"crop {width}×{height} at ({left}, {top}) does not fit the resized image "
             f"{image.width}×{image.height} of {path}"
         )
+    import torch
+
     cropped = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.array(cropped, dtype=np.uint8)).permute(2, 0, 1)
     if flip:

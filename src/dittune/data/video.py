@@ -15,13 +15,16 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dittune.data.transforms import ImageLoadError, load_pixels, pixels_from_image
 from dittune.data.types import Placement
+
+if TYPE_CHECKING:  # torch is imported where pixels are made, so discovery (`dittune config check`) runs without it
+    import torch
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi", ".m4v"})
 """Suffixes (lower case) read as clips by video families (".gif" is a still for image families)."""
@@ -194,6 +197,8 @@ def decode_frames(path: Path, indices: tuple[int, ...]) -> list[Image.Image]:
 
 def load_clip(path: Path, placement: Placement, flip: bool) -> torch.Tensor:
     """A float32 (3, F, H, W) clip in [-1, 1]: each chosen frame resized and cropped as `load_pixels` does."""
+    import torch
+
     frames = decode_frames(path, placement.frame_indices)
     return torch.stack([pixels_from_image(frame, placement, flip, path) for frame in frames], dim=1)
 

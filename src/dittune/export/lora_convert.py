@@ -14,11 +14,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from dittune.export.lora_file import FORMAT, LoraInfo, read_lora, save_lora
-from dittune.export.lora_formats import LoraTensors, read_tensors, write_tensors
+from dittune.export.lora_formats import PEFT_WEIGHTS, LoraTensors, read_tensors, write_tensors
 from dittune.models.layout import Fuse, Layout, LoraFormat, Rename
 from dittune.models.layout_convert import FusedPart, LoraModule, lora_from_theirs, lora_to_theirs
 from dittune.models.registry import facts_class, family_names
+from dittune.models.weight_files import safetensors_problem
 
 FORMATS = ("diffusers", "kohya", "comfyui", "official")
 """`dittune lora convert --to` choices; which a family has: `FamilyFacts.lora_formats` (diffusers always)."""
@@ -53,7 +56,7 @@ class ResolvedLora:
 
 def resolve_lora(path: Path, family: str | None = None) -> ResolvedLora:
     """Read `path` (any supported format) into adapters on the diffusers denoiser of its family."""
-    tensors = read_tensors(Path(path))
+    tensors = _read_tensors(Path(path))
     if tensors.naming == "diffusers" and "dittune_lora" in tensors.metadata:
         state, info = read_lora(Path(path))
         if family is not None and family != info.family:
@@ -75,6 +78,22 @@ def resolve_lora(path: Path, family: str | None = None) -> ResolvedLora:
     info = LoraInfo(**source["dittune"]) if "dittune" in source else None
     component = source.get("component") or facts.denoiser_component
     return ResolvedLora(family, format_name, modules, component, tensors, info, family_from, layout, fused, theirs)
+
+
+def _read_tensors(path: Path) -> LoraTensors:
+    """`read_tensors`, with a truncated, damaged or non-LoRA file reported as a ValueError naming it."""
+    weights = path / PEFT_WEIGHTS if path.is_dir() else path
+    problem = safetensors_problem(weights) if weights.suffix == ".safetensors" and weights.is_file() else None
+    if problem:
+        raise ValueError(f"LoRA file {problem}")
+    try:
+        return read_tensors(path)
+    except SafetensorError as error:
+        raise ValueError(f"LoRA file {weights} cannot be read ({error}); copy it again") from None
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: {error}; is it a LoRA?") from None
 
 
 def _alpha(info: LoraInfo, name: str) -> float:

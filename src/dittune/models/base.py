@@ -18,6 +18,7 @@ from torch import nn
 from dittune.fingerprint import Fingerprinter
 from dittune.models.draws import Draws
 from dittune.models.facts import FamilyFacts, ModelInfo, TextEncoderSlot
+from dittune.models.weight_files import check_weight_files
 
 __all__ = ["FamilyFacts", "ModelInfo", "ModelSpec", "TextEncoderSlot"]  # ModelInfo, TextEncoderSlot: from facts
 
@@ -105,7 +106,8 @@ def denoiser_dtype(denoiser: nn.Module) -> torch.dtype:
 class ModelSpec(FamilyFacts, ABC):
     """Everything one model family needs: loading, encoding, objective, sampling and export.
 
-    A spec instance is bound to one model folder. Construction is cheap (no weights are read);
+    A spec instance is bound to one model folder. Construction is cheap (no weights are read; the headers of
+    its weight files are checked, so a truncated file is named at once);
     `inspect` reads configs and weight headers only. The class-level declarations (names, alignment,
     text encoders, LoRA targets, loss options, `check_folder`) live in the family's torch-free facts
     class (`dittune.models.facts.FamilyFacts`).
@@ -121,6 +123,9 @@ class ModelSpec(FamilyFacts, ABC):
         self.path = Path(path)
         # A single-file denoiser checkpoint (`model.path` naming a file): its weights replace the folder's denoiser.
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        # A truncated or damaged weight file is named here, before any loader fails on it without its path (files
+        # cut exactly at their header pass: their shapes serve `dittune estimate`; `load_pipeline` refuses them).
+        check_weight_files(self.path, self.checkpoint, header_only_ok=True)
         # A model with several denoiser experts (`experts_at`) trains the one named by `expert` (`model.expert`).
         problem = self.expert_problem(self.path, expert)
         if problem:
@@ -421,6 +426,7 @@ class ModelSpec(FamilyFacts, ABC):
         import diffusers
 
         cls = getattr(diffusers, self.sampling_pipeline_class(conditioned))
+        check_weight_files(self.path)
         pipeline = cls.from_pretrained(self.path, torch_dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

@@ -18,6 +18,7 @@ from torch import nn
 
 from dittune.models.layout import Fuse, Key, Layout, Rename
 from dittune.models.layout_convert import from_theirs_state
+from dittune.models.weight_files import safetensors_problem
 
 NESTED = ("ema", "module", "state_dict", "model")
 DIFFUSERS_PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.")
@@ -32,6 +33,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
+        problem = safetensors_problem(path)
+        if problem:
+            raise ValueError(problem)
         return load_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
