@@ -30,7 +30,7 @@ def test_the_state_tree_round_trips_what_optimizers_and_generators_hold(tmp_path
         "by_index": {0: {"step": torch.tensor(3.0), "exp_avg": shared[:3]}, 1: {"exp_avg": shared[3:]}},
         "groups": [{"betas": (0.9, 0.999), "lr": 1e-4, "fused": None, "params": [0, 1], "decoupled": True}],
         "odd_floats": [float("nan"), float("inf"), -float("inf"), -0.0],
-        "numpy": (np.arange(5, dtype=np.uint32), np.float64(2.5), "MT19937"),
+        "numpy": (np.arange(5, dtype=np.uint32), np.float64(2.5), "MT19937", np.float64("nan"), np.array(7)),
         "__tensor__": "a key that looks like a tag",
         "empty": {},
     }
@@ -44,7 +44,8 @@ def test_the_state_tree_round_trips_what_optimizers_and_generators_hold(tmp_path
     nan, *rest = back["odd_floats"]
     assert np.isnan(nan) and rest == [float("inf"), -float("inf"), 0.0] and str(rest[-1]) == "-0.0"
     assert back["numpy"][0].dtype == np.uint32 and back["numpy"][0].tolist() == [0, 1, 2, 3, 4]
-    assert back["numpy"][1:] == (2.5, "MT19937") and back["__tensor__"] == state["__tensor__"] and back["empty"] == {}
+    assert back["numpy"][1:3] == (2.5, "MT19937") and np.isnan(back["numpy"][3]) and back["numpy"][4].shape == ()
+    assert back["__tensor__"] == state["__tensor__"] and back["empty"] == {}
 
     with pytest.raises(TypeError, match=r"cannot store function at bad\.groups\[0\]\.fn"):
         save_tree({"groups": [{"fn": lambda: None}]}, tmp_path, "bad")

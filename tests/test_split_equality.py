@@ -102,6 +102,13 @@ def test_every_split_of_the_global_batch_trains_the_same_weights(
     assert main(args) == 0
     _assert_same(_weights(tmp_path / "lora-1x4", "lora"), _weights(resumed, "lora"), f"{family} resumed 2→1")
 
+    # Also from an odd step of a run without accumulation: accelerate's micro-batch counter must not carry over
+    # (1 step of batch 4 is 1 micro-batch; with accumulation 2 it would put every sync on a step's first half).
+    odd = tmp_path / "resumed-odd"
+    shutil.copytree(tmp_path / "lora-1x4" / "checkpoints" / "step_00000001", odd / "checkpoints" / "step_00000001")
+    assert main([*args[:3], f"output_dir={odd}", "--resume", "latest"]) == 0
+    _assert_same(_weights(tmp_path / "lora-1x4", "lora"), _weights(odd, "lora"), f"{family} resumed at step 1 1→1x2")
+
 
 def test_resuming_with_another_global_batch_is_refused(family_models, data, tmp_path: Path, capsys) -> None:
     cfg = write_config(

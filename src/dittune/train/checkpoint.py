@@ -1,8 +1,8 @@
 """Resumable checkpoints: atomic directories under OUTPUT_DIR/checkpoints, newest K kept.
 
 A checkpoint is written into a temporary folder: the trainable weights (the method's `save_weights`),
-`training_state.json`/`.safetensors` (optimizer, LR schedule, data position, loss scaler, accelerate's step
-counter), `rng_state_<process>.json`/`.safetensors` per process, and `trainer_state.json`, which is written
+`training_state.json`/`.safetensors` (optimizer, LR schedule, data position, loss scaler),
+`rng_state_<process>.json`/`.safetensors` per process, and `trainer_state.json`, which is written
 last and lists every other file with its size and SHA-256. Nothing is pickled, and loading never unpickles
 (`dittune.train.state_io`); only DeepSpeed, whose engine owns the optimizer's partitions, writes its own
 checkpoint through accelerate. The folder is then renamed into place, so a crash mid-save never leaves a
@@ -164,7 +164,7 @@ def write_training_state(parts: Checkpointed, folder: Path) -> None:
     parts.save_weights(folder)
     optimizer = _optimizer_state(parts)
     if accelerator.is_main_process:
-        tree = {"optimizer": optimizer, "accelerator_step": accelerator.step}
+        tree = {"optimizer": optimizer}
         tree.update({name: obj.state_dict() for name, obj in parts.objects.items()})
         if getattr(accelerator, "scaler", None) is not None:
             tree["grad_scaler"] = accelerator.scaler.state_dict()
@@ -183,7 +183,6 @@ def read_training_state(parts: Checkpointed, folder: Path) -> None:
         obj.load_state_dict(tree[name])
     if getattr(accelerator, "scaler", None) is not None and "grad_scaler" in tree:
         accelerator.scaler.load_state_dict(tree["grad_scaler"])
-    accelerator.step = int(tree["accelerator_step"])
     rng = folder / f"rng_state_{accelerator.process_index}.json"
     if rng.is_file():
         restore_rng_states(load_tree(folder, rng.stem))
@@ -261,4 +260,8 @@ def load_checkpoint(parts: Checkpointed, path: Path) -> dict[str, Any]:
         if problem:
             raise ValueError(problem)
         read_training_state(parts, path)
+    # accelerate counts micro-batches to place gradient syncs; a checkpoint is at an optimizer-step boundary, so
+    # the count starts again at 0 under any split of the global batch (a restored count of an odd step taken
+    # without accumulation, resumed with accumulation 2, would sync on each step's first half: never stepping).
+    parts.accelerator.step = 0
     return state

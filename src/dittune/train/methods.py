@@ -26,7 +26,7 @@ from dittune.export.full import save_full_pipeline
 from dittune.export.lora_file import LoraInfo, save_lora
 from dittune.models.base import LossOutput, ModelSpec, TrainBatch
 from dittune.models.lora import inject_lora, is_lora_key, lora_module_state, lora_parameters, lora_state_dict
-from dittune.train.sharding import gather_state, load_full_state
+from dittune.train.sharding import gather_state, is_sharded, load_full_state
 
 if TYPE_CHECKING:
     from dittune.models.draws import Draws
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 ADAPTER_FILE = "adapter.safetensors"
 CONTROLNET_FILE = "controlnet.safetensors"
 MODEL_FILE = "model.safetensors"
+
+
+def gathers_together(accelerator: Any, model: nn.Module) -> bool:
+    """Whether gathering `model`'s weights is a collective (FSDP2 shards, DeepSpeed): every process must take
+    part. Otherwise only the main process copies them to the CPU (N copies of a full model would not fit)."""
+    return is_sharded(model) or str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
 
 
 class TrainingMethod(ABC):
@@ -60,7 +66,8 @@ class TrainingMethod(ABC):
     def save_weights(self, accelerator: Any, model: nn.Module, folder: Path) -> None:
         """Write what a checkpoint holds of `model` (prepared) into `folder` (default: every weight, in
         `model.safetensors`). A collective: every process calls it; the main process writes."""
-        state = gather_state(model, accelerator)
+        if gathers_together(accelerator, model) or accelerator.is_main_process:
+            state = gather_state(model, accelerator)
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / MODEL_FILE))
 
@@ -141,7 +148,9 @@ class LoraMethod(TrainingMethod):
 
     def save_weights(self, accelerator, model, folder):
         """Checkpoints of LoRA runs hold only the adapter, not the frozen base weights."""
-        full = gather_state(model, accelerator, keep=is_lora_key)  # on every process: gathering is a collective
+        if not (gathers_together(accelerator, model) or accelerator.is_main_process):
+            return
+        full = gather_state(model, accelerator, keep=is_lora_key)
         if accelerator.is_main_process:
             adapter = lora_state_dict(accelerator.unwrap_model(model), state=full)
             save_file(adapter, str(folder / ADAPTER_FILE))

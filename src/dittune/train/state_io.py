@@ -46,11 +46,12 @@ class _Encoder:
         if obj is None or isinstance(obj, bool | int | str):
             return obj
         if isinstance(obj, float):
-            return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+            return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}  # np.float64 too
         if isinstance(obj, torch.Tensor):
             return {"__tensor__": self._tensor(obj)}
         if isinstance(obj, np.ndarray):
-            return {"__ndarray__": self._tensor(torch.from_numpy(np.ascontiguousarray(obj)))}
+            array = np.ascontiguousarray(obj).reshape(obj.shape)  # (ascontiguousarray makes 0-d arrays 1-d)
+            return {"__ndarray__": self._tensor(torch.from_numpy(array))}
         if isinstance(obj, np.generic):
             return self.encode(obj.item(), where)
         if isinstance(obj, tuple):
