@@ -126,6 +126,17 @@ def test_resume_reads_no_pickle_and_runs_none_planted(
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # Intact files that lack a part of the state (another version's): a message, not a KeyError traceback.
+    document = json.loads((crashed / "training_state.json").read_text())
+    del document["tree"]["sampler"]
+    (crashed / "training_state.json").write_text(json.dumps(document))
+    state["files"] = file_manifest(crashed)
+    (crashed / STATE_FILE).write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*args, "--resume", str(crashed)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume from {crashed}: its training state lacks 'sampler'" in err and "Traceback" not in err
+
 
 def test_a_checkpoint_in_accelerates_pickle_format_is_refused_before_loading(
     tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture

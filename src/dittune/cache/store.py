@@ -129,6 +129,15 @@ def _read_verified(file: str, key: str) -> bytes:
     return data
 
 
+def _canonical(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its header's keys in sorted order: safetensors writes the metadata in a
+    per-process random order, so an entry's bytes would otherwise differ between two runs that encode it alike."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + data[8 + length :]
+
+
 _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
@@ -202,7 +211,7 @@ class CacheStore:
             FIELDS_FIELD: json.dumps(fields, sort_keys=True, default=str),
             CHECKSUM_FIELD: tensors_digest(described),
         }
-        data = save_bytes(tensors, metadata=metadata)
+        data = _canonical(save_bytes(tensors, metadata=metadata))
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as handle:

@@ -259,7 +259,13 @@ def load_checkpoint(parts: Checkpointed, path: Path) -> dict[str, Any]:
         problem = legacy_problem(path)
         if problem:
             raise ValueError(problem)
-        read_training_state(parts, path)
+        try:
+            read_training_state(parts, path)
+        except (KeyError, TypeError) as error:  # files intact (checked) but not what this dittune writes
+            raise ValueError(
+                f"cannot resume from {path}: its training state lacks {error} (written by another dittune "
+                "version?); resume from another checkpoint, or start a new run"
+            ) from error
     # accelerate counts micro-batches to place gradient syncs; a checkpoint is at an optimizer-step boundary, so
     # the count starts again at 0 under any split of the global batch (a restored count of an odd step taken
     # without accumulation, resumed with accumulation 2, would sync on each step's first half: never stepping).

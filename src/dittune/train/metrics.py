@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -62,7 +63,9 @@ class MetricsLog:
         self.enabled = accelerator.is_main_process
         if self.enabled and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # renamed into place: a kill never loses lines
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self.enabled:
