@@ -52,44 +52,17 @@ def data_report(cfg: DittuneConfig, model_readable: bool = True) -> tuple[str, l
     """(the bucket report training would print, problems); ("", []) when the family or data folder is unknown.
 
     The model's configs give the alignment and frame rule when `model_readable`, else the family's defaults."""
-    from dittune.data.discover import discover
-    from dittune.data.report import ClipOptions, format_bucket_report, plan_dataset
+    from dittune.train.data_plan import bucket_report, plan_data
 
-    data, train = cfg.data, cfg.train
-    if cfg.model.family not in family_names() or not data.path.is_dir():
+    if cfg.model.family not in family_names() or not cfg.data.path.is_dir():
         return "", []  # reported by preflight
-    facts = facts_class(cfg.model.family)
     folder = cfg.model.folder
     known = model_readable and (folder / "model_index.json").is_file()
-    rule = facts.frame_rule_at(folder) if known else facts.frame_rule
-    default_frames = facts.default_frames_at(folder) if known else facts.default_frames
-    frames = (data.frames or default_frames) if rule.is_video else 1
-    clips = ClipOptions(rule, frames, data.fps, data.frame_sampling, data.short_clips)
     try:
-        records, skipped = discover(
-            data.path, data.caption_extension, data.missing_caption, rule.is_video, train.method == "controlnet"
-        )
-        plan = plan_dataset(
-            records,
-            data.path,
-            resolution=data.resolution,
-            resolution_type=data.resolution_type,
-            alignment=facts.alignment_at(folder) if known else facts.alignment,
-            step=data.bucket_step,
-            max_aspect_ratio=data.max_aspect_ratio,
-            crop=data.crop,
-            crop_seed=data.crop_seed,
-            batch_size=train.batch_size,
-            incomplete_batches=data.incomplete_batches,
-            skipped=skipped,
-            repeats=data.repeats,
-            clips=clips,
-            fixed_size=facts.fixed_size_at(folder) if known else None,
-        )
+        plan = plan_data(cfg, facts_class(cfg.model.family), folder if known else None)
     except ValueError as error:  # DataError: nothing usable; or a bucket setting preflight also names
         return "", [("", str(error))]
-    report = format_bucket_report(plan, train.batch_size, train.gradient_accumulation_steps, data.repeats)
-    return report, []
+    return bucket_report(cfg, plan), []
 
 
 def unreadable_weights_message(args: argparse.Namespace, error: Exception) -> str:

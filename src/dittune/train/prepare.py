@@ -22,13 +22,9 @@ from dittune.cache.build import (
 from dittune.cache.store import CacheStore
 from dittune.config.schema import DittuneConfig
 from dittune.data.buckets import snap, square_bucket
-from dittune.data.discover import discover
 from dittune.data.report import (
-    ClipOptions,
     DatasetPlan,
     PlannedSample,
-    format_bucket_report,
-    plan_dataset,
     remove_samples,
 )
 from dittune.data.transforms import RESIZE_METHOD, ImageLoadError
@@ -36,6 +32,8 @@ from dittune.data.types import Placement
 from dittune.data.video import DECODE_METHOD, load_sample
 from dittune.fingerprint import Fingerprinter
 from dittune.models.base import ModelSpec
+from dittune.train.data_plan import bucket_report, trains_controlnet
+from dittune.train.data_plan import plan_data as plan_for
 from dittune.train.resume_changes import data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -59,11 +57,6 @@ class PreparedData:
     """The planned samples' content fingerprint (`resume_changes.data_fingerprint`), saved with each checkpoint."""
 
 
-def trains_controlnet(cfg: DittuneConfig) -> bool:
-    """Whether samples come with control images (train.method = "controlnet")."""
-    return cfg.train.method == "controlnet"
-
-
 def validation_size(cfg: DittuneConfig, alignment: int, fixed_size: tuple[int, int] | None = None) -> tuple[int, int]:
     """(width, height) for validation: configured (snapped to the alignment), else the model's only size when it
     has one, else the square bucket of data.resolution ("pixel" or "area")."""
@@ -72,11 +65,9 @@ def validation_size(cfg: DittuneConfig, alignment: int, fixed_size: tuple[int, i
     return (snap(width, alignment) if width else side_w), (snap(height, alignment) if height else side_h)
 
 
-def clip_options(cfg: DittuneConfig, spec: ModelSpec) -> ClipOptions:
-    """The data section's frame settings under the model's frame rule."""
-    rule = spec.frame_rule_at(spec.path)
-    frames = (cfg.data.frames or spec.default_frames) if rule.is_video else 1
-    return ClipOptions(rule, frames, cfg.data.fps, cfg.data.frame_sampling, cfg.data.short_clips)
+def plan_data(cfg: DittuneConfig, spec: ModelSpec, processes: int = 1) -> DatasetPlan:
+    """Discover and plan the dataset for the model of `spec` (see `dittune.train.data_plan.plan_data`)."""
+    return plan_for(cfg, spec, spec.path, processes)
 
 
 def validation_frames(cfg: DittuneConfig, spec: ModelSpec) -> int:
@@ -112,42 +103,6 @@ def latent_geometry(placement: Placement, flip: bool) -> dict:
 def control_geometry(placement: Placement, flip: bool) -> dict:
     """The geometry of a sample's control image: exactly its target's, marked as a control."""
     return {**latent_geometry(placement, flip), "role": "control"}
-
-
-def plan_data(cfg: DittuneConfig, spec: ModelSpec, processes: int = 1) -> DatasetPlan:
-    """Discover and plan the dataset; batches are global (`train.batch_size` × `processes`)."""
-    data = cfg.data
-    clips = clip_options(cfg, spec)
-    records, skipped = discover(
-        data.path,
-        data.caption_extension,
-        data.missing_caption,
-        video=clips.rule.is_video,
-        control=trains_controlnet(cfg),
-    )
-    return plan_dataset(
-        records,
-        data.path,
-        resolution=data.resolution,
-        resolution_type=data.resolution_type,
-        alignment=spec.alignment,
-        step=data.bucket_step,
-        max_aspect_ratio=data.max_aspect_ratio,
-        crop=data.crop,
-        crop_seed=data.crop_seed,
-        batch_size=cfg.train.batch_size * processes,
-        incomplete_batches=data.incomplete_batches,
-        skipped=skipped,
-        repeats=data.repeats,
-        clips=clips,
-        fixed_size=spec.fixed_size,
-    )
-
-
-def bucket_report(cfg: DittuneConfig, plan: DatasetPlan, processes: int = 1) -> str:
-    train = cfg.train
-    global_batch = train.batch_size * processes
-    return format_bucket_report(plan, global_batch, train.gradient_accumulation_steps, cfg.data.repeats, processes)
 
 
 def prepare_data(
