@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_dataset, write_config
 from dittune.cli.main import main
+from dittune.config.load import load_config
 from dittune.train.checkpoint import STATE_FILE, file_manifest
 from dittune.train.state_io import load_tree, restore_rng_states, rng_states, save_tree
 
@@ -154,3 +155,29 @@ def test_a_checkpoint_in_accelerates_pickle_format_is_refused_before_loading(
     assert "accelerate's pickled state" in captured.err and "never unpickles" in captured.err, captured.err
     assert str(old) in captured.err and "Traceback" not in captured.err
     assert "Encoding latents" not in captured.err and "Training" not in captured.out  # refused before any work
+
+
+def test_a_deepspeed_checkpoint_is_unpickled_only_when_trusted(
+    tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    data = make_dataset(tmp_path / "data", sizes=((64, 64),), colours=("red",))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.toml", tiny_models["v1.2"], data, out)
+    engine = out / "checkpoints" / "step_00000002"
+    engine.mkdir(parents=True)
+    (engine / "pytorch_model" / "mp_rank_00_model_states.pt").parent.mkdir()
+    (engine / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"module": {}}))
+    state = {"step": 2, "engine": "deepspeed", "processes": 1, "config": {}, "files": file_manifest(engine)}
+    (engine / STATE_FILE).write_text(json.dumps(state))
+
+    assert main(["train", str(cfg), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert f"{engine} was written under DeepSpeed" in err and "checkpoint.trust_deepspeed_pickles = true" in err
+    trusted = ["--set", "checkpoint.trust_deepspeed_pickles=true"]
+    assert main(["train", str(cfg), *trusted, "--resume", "latest"]) == 2  # past the trust check, then:
+    err = capsys.readouterr().err
+    assert "trust_deepspeed_pickles" not in err and "holds no run config" in err, err
+    state["config"] = json.loads(load_config(cfg).model_dump_json())
+    (engine / STATE_FILE).write_text(json.dumps(state))
+    assert main(["train", str(cfg), *trusted, "--resume", "latest"]) == 2
+    assert "was written by 1 process(es) with deepspeed" in capsys.readouterr().err  # the launch must match

@@ -456,6 +456,14 @@ class TrainSection(Section):
 class CheckpointSection(Section):
     every_steps: int = Field(500, description="Save a resumable checkpoint every N steps (and at the end).", ge=1)
     keep_last: int = Field(3, description="Keep only the newest K checkpoints.", ge=1)
+    trust_deepspeed_pickles: bool = Field(
+        False,
+        description=(
+            "Resume from a checkpoint written under DeepSpeed, whose engine stores its state with torch.save: "
+            "loading it unpickles, which can run code. Every other checkpoint is safetensors + JSON and never "
+            "needs this. Set it only for checkpoints you made yourself or otherwise trust."
+        ),
+    )
 
 
 class ValidationSection(Section):

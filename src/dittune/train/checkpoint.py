@@ -85,7 +85,7 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path | None:
+def resolve_resume(output_dir: Path, resume: str | None, announce=print, trust_pickles: bool = False) -> Path | None:
     """The checkpoint to resume from: None for a fresh start, the newest intact one for "latest" (each damaged
     newer one is named and passed over), or a path (refused when damaged)."""
     if resume is None:
@@ -95,7 +95,7 @@ def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path
         for _, path in reversed(found):
             problem = checkpoint_problem(path)
             if problem is None:
-                return _loadable(path)
+                return _loadable(path, trust_pickles)
             announce(f"warning: checkpoint {path} is damaged ({problem}); trying the one before it")
         if found:
             raise FileNotFoundError(
@@ -109,14 +109,29 @@ def resolve_resume(output_dir: Path, resume: str | None, announce=print) -> Path
     problem = checkpoint_problem(path)
     if problem is not None:
         raise FileNotFoundError(f"--resume {resume}: the checkpoint is damaged ({problem}); pick another one")
-    return _loadable(path)
+    return _loadable(path, trust_pickles)
 
 
-def _loadable(path: Path) -> Path:
+def _loadable(path: Path, trust_pickles: bool) -> Path:
+    """`path`, unless resuming from it would unpickle: an old accelerate-format checkpoint (refused), or a
+    DeepSpeed one (only with `checkpoint.trust_deepspeed_pickles`)."""
     problem = legacy_problem(path)
     if problem:
         raise ValueError(f"cannot resume: {problem}")
+    if _engine(path) == "deepspeed" and not trust_pickles:
+        raise ValueError(
+            f"cannot resume: {path} was written under DeepSpeed, whose engine stores its state with torch.save; "
+            "loading it unpickles, which can run code. If you made this checkpoint yourself or trust its source, "
+            "set checkpoint.trust_deepspeed_pickles = true (or --set checkpoint.trust_deepspeed_pickles=true)"
+        )
     return path
+
+
+def _engine(path: Path) -> str:
+    try:
+        return str(json.loads((Path(path) / STATE_FILE).read_text()).get("engine", "ddp"))
+    except (OSError, ValueError):
+        return "ddp"
 
 
 @dataclass
@@ -191,11 +206,7 @@ def read_training_state(parts: Checkpointed, folder: Path) -> None:
 def legacy_problem(path: Path) -> str | None:
     """Why a checkpoint cannot be loaded without unpickling (written by accelerate's `save_state` before
     dittune wrote its own state files, and not by DeepSpeed), or None."""
-    try:
-        engine = json.loads((Path(path) / STATE_FILE).read_text()).get("engine", "ddp")
-    except (OSError, ValueError):
-        return None  # `checkpoint_problem` reports it
-    if engine == "deepspeed" or (Path(path) / f"{TRAINING_STATE}.json").is_file():
+    if _engine(path) == "deepspeed" or (Path(path) / f"{TRAINING_STATE}.json").is_file():
         return None
     return (
         f"{path} holds accelerate's pickled state (optimizer.bin, random_states_*.pkl), written by an older "

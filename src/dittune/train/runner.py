@@ -48,7 +48,12 @@ def check_resume_compatible(cfg: DittuneConfig, checkpoint: Path, processes: int
     a sharded engine's checkpoint (FSDP, DeepSpeed) needs the same engine and number of processes.
     """
     state = json.loads((checkpoint / STATE_FILE).read_text())
-    saved, current = state["config"], json.loads(cfg.model_dump_json())
+    saved, current = state.get("config"), json.loads(cfg.model_dump_json())
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+        raise ValueError(
+            f"cannot resume: {checkpoint / STATE_FILE} holds no run config (not written by dittune train?); "
+            "resume from another checkpoint, or start a new run"
+        )
     changed = [".".join(keys) for keys in RESUME_CRITICAL if _dig(saved, keys) != _dig(current, keys)]
     problems = [
         Problem(
@@ -115,7 +120,7 @@ def _train(cfg: DittuneConfig, resume: str | None, progress: bool, precision: An
     from dittune.train.summary import startup_summary
     from dittune.train.trainer import Trainer
 
-    resume_path = resolve_resume(cfg.output_dir, resume)
+    resume_path = resolve_resume(cfg.output_dir, resume, trust_pickles=cfg.checkpoint.trust_deepspeed_pickles)
     if resume == "latest" and resume_path is None:
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
     if resume_path is not None:
