@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+
+from dittune.safetensors_bytes import safetensors_bytes
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,6 @@ def _read_verified(file: str, key: str) -> bytes:
     return data
 
 
-def _canonical(data: bytes) -> bytes:
-    """`data` (a safetensors file) with its header's keys in sorted order: safetensors writes the metadata in a
-    per-process random order, so an entry's bytes would otherwise differ between two runs that encode it alike."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return len(header).to_bytes(8, "little") + header + data[8 + length :]
-
-
 _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
@@ -211,7 +203,7 @@ class CacheStore:
             FIELDS_FIELD: json.dumps(fields, sort_keys=True, default=str),
             CHECKSUM_FIELD: tensors_digest(described),
         }
-        data = _canonical(save_bytes(tensors, metadata=metadata))
+        data = safetensors_bytes(tensors, metadata)  # sorted header: equal entries have equal bytes
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as handle:

@@ -17,13 +17,13 @@ component with an argument: Wan 2.2 A14B's low-noise expert (`transformer_2`) is
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from dittune.safetensors_bytes import write_safetensors
 
 FORMAT = "dittune-lora/1"
 
@@ -75,10 +75,7 @@ def save_lora(path: Path, state: dict[str, torch.Tensor], info: LoraInfo) -> Pat
         "dittune_lora": json.dumps({"format": FORMAT, **settings}, sort_keys=True),
         "lora_adapter_metadata": json.dumps(peft_meta, sort_keys=True),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], LoraInfo]:

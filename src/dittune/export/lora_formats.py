@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dittune.models.layout_convert import LoraModule
+from dittune.safetensors_bytes import write_safetensors
 
 NAMINGS = ("kohya", "comfyui", "peft")
 KOHYA_PREFIX = "lora_unet_"
@@ -227,7 +227,4 @@ def peft_config(modules: dict[str, LoraModule], source: dict) -> dict:
 
 
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, metadata)
