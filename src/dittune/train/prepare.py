@@ -115,14 +115,17 @@ def prepare_data(
     progress: bool = True,
     announce: Callable[[str], None] = print,
     shard: Shard = ONE_PROCESS,
+    check_data: Callable[[dict], None] | None = None,
 ) -> PreparedData:
     """Plan buckets (report printed before any encoding), then fill both caches (split across processes by
-    `shard`)."""
+    `shard`). `check_data` sees the data's content fingerprint first (a resume refuses changed data there)."""
     plan = plan_data(cfg, spec, shard.world)
     announce(bucket_report(cfg, plan, shard.world))
     store = CacheStore(cfg.cache_dir)
     fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
     fingerprint = data_fingerprint(plan, fingerprinter, cfg.cache.source_fingerprint)  # as planned, before decoding
+    if check_data is not None:
+        check_data(fingerprint)
     flips = (False, True) if cfg.data.random_flip else (False,)
     encode = partial(
         ensure_latents,
@@ -236,6 +239,7 @@ def fill_caches(
     progress: bool = True,
     announce: Callable[[str], None] = print,
     shard: Shard = ONE_PROCESS,
+    check_data: Callable[[dict], None] | None = None,
 ) -> tuple[PreparedData, torch.nn.Module | None]:
     """`prepare_data` with the VAE loaded only if needed; returns it (moved to CPU) when `keep_vae`."""
     holder: dict[str, torch.nn.Module] = {}
@@ -255,6 +259,7 @@ def fill_caches(
         progress=progress,
         announce=announce,
         shard=shard,
+        check_data=check_data,
     )
     encoded = "vae" in holder  # loaded for missing latents
     vae = get_vae().to("cpu") if keep_vae else None

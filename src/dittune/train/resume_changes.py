@@ -1,9 +1,10 @@
 """What a resume may and may not change.
 
 - The training data's content may not: a checkpoint records a fingerprint of every planned sample (the content
-  hash of its file, its caption and its control image), and a resume whose data differs is refused, naming the
-  first changed files. The file hashes come from the cache's fingerprint memo (`CACHE/fingerprints.json`), so an
-  unchanged file is not read again.
+  hash of its file, its caption and its control image), and a resume whose data differs is refused right after
+  the run plans its data (before anything is encoded or the model loads), naming the first changed files. The
+  file hashes come from the cache's fingerprint memo (`CACHE/fingerprints.json`), so an unchanged file is not
+  read again.
 - The learning rate (and weight decay) may: the optimizer and schedule state of the checkpoint carry the old
   value, so after loading, the schedule's base rates and the optimizer's groups are moved to the new one and the
   schedule continues from the resumed step with it.
@@ -85,24 +86,14 @@ def _part(parts: list[str], index: int) -> str | None:
     return parts[index] if index < len(parts) else None
 
 
-def check_resume_data(cfg: DittuneConfig, checkpoint: Path, processes: int = 1) -> None:
-    """Refuse (ValueError) to resume when the data's content differs from the checkpoint's fingerprint; a
-    checkpoint without one (written before fingerprints) resumes as it is.
-
-    Runs before the model loads: the data is planned as the run will plan it, and each file's hash is taken from
-    the fingerprint memo (only changed files are read)."""
+def check_resume_data(cfg: DittuneConfig, checkpoint: Path, current: dict[str, Any]) -> None:
+    """Refuse (ValueError) to resume when the data's fingerprint `current` (the run's own plan, taken before
+    anything is encoded or the model loads) differs from the checkpoint's; a checkpoint without one (written
+    before fingerprints) resumes as it is."""
     state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
     saved = state.get("data_fingerprint")
     if not saved:
         return
-    from dittune.train.prepare import plan_data
-    from dittune.train.setup import load_spec
-
-    spec, _ = load_spec(cfg)
-    plan = plan_data(cfg, spec, processes)
-    fingerprinter = Fingerprinter(cfg.cache_dir / "fingerprints.json")
-    current = data_fingerprint(plan, fingerprinter, cfg.cache.source_fingerprint)
-    fingerprinter.save()
     changes = data_changes(saved, current)
     if not changes:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,15 @@ def _train(cfg: DittuneConfig, resume: str | None, progress: bool, precision: An
         print(f"--resume latest: no checkpoint in {cfg.output_dir}, starting from step 0")
     if resume_path is not None:
         check_resume_compatible(cfg, resume_path, distributed_state().num_processes, launch_engine())
-        check_resume_data(cfg, resume_path, distributed_state().num_processes)  # before the model loads
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     (cfg.output_dir / "config.resolved.json").write_text(cfg.model_dump_json(indent=2))
     accelerator = make_accelerator(cfg, precision)
     if precision.warning:
         accelerator.print(f"warning: {precision.warning}")
-    run = build_run(cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print)
+    check_data = partial(check_resume_data, cfg, resume_path) if resume_path is not None else None
+    run = build_run(
+        cfg, accelerator, precision=precision, progress=progress, announce=accelerator.print, check_data=check_data
+    )
     start_step = 0
     if resume_path is not None:
         start_step = int(load_checkpoint(run.checkpointed(), resume_path)["step"])

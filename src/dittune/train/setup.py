@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -175,11 +176,18 @@ def load_trained_denoiser(
 
 
 def build_run(
-    cfg: DittuneConfig, accelerator: Any, *, precision: Precision | None = None, progress: bool = True, announce=print
+    cfg: DittuneConfig,
+    accelerator: Any,
+    *,
+    precision: Precision | None = None,
+    progress: bool = True,
+    announce=print,
+    check_data: Callable[[dict], None] | None = None,
 ) -> Run:
     """Everything up to the first step; text encoders are released, the VAE kept on CPU for validation.
 
-    `precision` must be the one `accelerator` was made with (default: resolved again from the config).
+    `precision` must be the one `accelerator` was made with (default: resolved again from the config);
+    `check_data` sees the data's fingerprint before anything is encoded (see `prepare_data`).
     """
     from accelerate.utils import set_seed
 
@@ -200,6 +208,7 @@ def build_run(
         progress=progress,
         announce=announce,
         shard=Shard(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone),
+        check_data=check_data,
     )
     memory.end("caching")
 
