@@ -139,14 +139,20 @@ def test_resume_reads_no_pickle_and_runs_none_planted(
     assert f"cannot resume from {crashed}: its training state lacks 'sampler'" in err and "Traceback" not in err
 
 
-def test_a_checkpoint_in_accelerates_pickle_format_is_refused_before_loading(
-    tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture
-) -> None:
+def _config_and_checkpoint_folder(tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Path, Path]:
+    """A run's config and an empty `checkpoints/step_00000002` folder of its output_dir, to fill by hand."""
     data = make_dataset(tmp_path / "data", sizes=((64, 64),), colours=("red",))
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.toml", tiny_models["v1.2"], data, out)
-    old = out / "checkpoints" / "step_00000002"
-    old.mkdir(parents=True)
+    folder = out / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    return cfg, folder
+
+
+def test_a_checkpoint_in_accelerates_pickle_format_is_refused_before_loading(
+    tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    cfg, old = _config_and_checkpoint_folder(tmp_path, tiny_models)
     (old / "optimizer.bin").write_bytes(pickle.dumps({"state": {}, "param_groups": []}))
     (old / "adapter.safetensors").write_bytes(b"")
     (old / STATE_FILE).write_text(json.dumps({"step": 2, "config": {}, "files": file_manifest(old)}))
@@ -160,11 +166,7 @@ def test_a_checkpoint_in_accelerates_pickle_format_is_refused_before_loading(
 def test_a_deepspeed_checkpoint_is_unpickled_only_when_trusted(
     tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    data = make_dataset(tmp_path / "data", sizes=((64, 64),), colours=("red",))
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.toml", tiny_models["v1.2"], data, out)
-    engine = out / "checkpoints" / "step_00000002"
-    engine.mkdir(parents=True)
+    cfg, engine = _config_and_checkpoint_folder(tmp_path, tiny_models)
     (engine / "pytorch_model" / "mp_rank_00_model_states.pt").parent.mkdir()
     (engine / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"module": {}}))
     state = {"step": 2, "engine": "deepspeed", "processes": 1, "config": {}, "files": file_manifest(engine)}
